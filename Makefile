@@ -1,0 +1,46 @@
+# `make run` and `make test` each create .venv if missing and install what they need into it.
+# The install is keyed on pyproject.toml: it reruns only when that file changes.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+CONFIG  ?= configs/tiny.yaml
+ARGS    ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test test-slow lint format clean install
+
+$(BIN)/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; set PY=/path/to/python3.11"; exit 2; }
+	$(PY) -m venv $(VENV)
+
+# torch==2.13.0 is pinned in pyproject.toml: it resolves to the local CPU wheel, not a CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the whole pipeline (curate -> SFT -> RL -> evaluate) on the tiny CPU default.
+run: $(STAMP)
+	$(BIN)/ufo run $(CONFIG) $(ARGS)
+
+## Unit, stage and end-to-end tests (tiny budgets); ~6 minutes on 2 cores.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" $(PYTEST_ARGS)
+
+## The slow acceptance test: the full tiny default pipeline, checked against its targets (~6 min).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .ufo .pytest_cache

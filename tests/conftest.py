@@ -1,0 +1,54 @@
+"""Shared fixtures: an isolated workspace (SQLite MLflow store + artifact folder) per test or module,
+and a tiny character-level tokenizer/model built exactly as the SFT stage builds them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.common.chat import ChatFormat, build_char_tokenizer
+from stages.common.episodes import Problem
+from stages.common.model import ModelConfig, new_scratch_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+FEEDBACK = "Let's try again."
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def use_workspace(mp: pytest.MonkeyPatch, path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    mp.setenv("UFO_HOME", str(path))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    return use_workspace(monkeypatch, tmp_path / "ufo")
+
+
+@pytest.fixture(scope="module")
+def module_workspace(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        yield use_workspace(mp, tmp_path_factory.mktemp("ufo"))
+
+
+def multiplication_problems(n: int = 64) -> list[Problem]:
+    return [Problem(f"mul/{a}x{b}", f"{a}*{b}", str(a * b)) for a in range(100, 100 + n) for b in (3,)]
+
+
+@pytest.fixture(scope="session")
+def tiny() -> tuple[torch.nn.Module, ChatFormat, list[Problem]]:
+    """A randomly initialised tiny policy: it answers garbage, which exercises every path of an episode
+    (wrong answers, feedback turns, answers cut off without eos)."""
+    problems = multiplication_problems()
+    tokenizer = build_char_tokenizer([p.question for p in problems], FEEDBACK)
+    torch.manual_seed(0)
+    model = new_scratch_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tokenizer)
+    return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems

@@ -1,0 +1,103 @@
+"""Configs: every file in configs/ validates; bad input exits non-zero naming the field path, and
+`ufo run` creates nothing (no MLflow store, no Prefect home) before the config is valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from flows.config import PipelineConfig
+from stages.common.config import ConfigError, apply_overrides, load_config
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def ufo(*args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "UFO_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_validates(path):
+    cfg = load_config(PipelineConfig, path)
+    assert cfg.evaluate.max_turns == cfg.rl.max_turns  # copied from rl unless set
+    assert cfg.sft.feedback == cfg.rl.feedback == cfg.evaluate.feedback
+
+
+def test_configs_folder_has_the_default():
+    assert REPO / "configs" / "tiny.yaml" in CONFIGS
+
+
+def test_shared_values_propagate_and_overrides_apply():
+    cfg = load_config(PipelineConfig, REPO / "configs/tiny.yaml",
+                      ["seed=7", "rl.max_turns=3", "rl.feedback=Try again.", "sft.max_wrong_attempts=2"])
+    assert (cfg.curate.seed, cfg.sft.seed, cfg.rl.seed, cfg.evaluate.seed) == (7, 7, 7, 7)
+    assert cfg.evaluate.max_turns == 3
+    assert cfg.sft.feedback == cfg.evaluate.feedback == "Try again."
+
+
+def test_override_values_are_typed_yaml():
+    data = apply_overrides({}, ["a.b=3", "a.c=[1, 2]", "d=true", "e=x=y"])
+    assert data == {"a": {"b": 3, "c": [1, 2]}, "d": True, "e": "x=y"}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["novalue"])
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["rl.max_tursn=3"], "rl.max_tursn: unknown key"),
+    (["sft.lr=fast"], "sft.lr: Input should be a valid number"),
+    (["rl.group_size=7"], "rl.minibatch_size: 256 must divide problems_per_step * group_size"),
+    (["rl.max_turns=9", "evaluate.num_samples=9"], "rl.max_turns: an episode of 9 turns can take"),
+    (["rl.max_turns=6", "evaluate.num_samples=5"], "evaluate.num_samples: 5 must be >= max_turns (6)"),
+    (["sft.model.num_heads=3"], "sft.model.num_heads: 3 must divide hidden_size"),
+    (["rl.max_turns=3"], "sft.max_wrong_attempts: 4 must be < rl.max_turns"),
+    (["sft.data.run_id=abc"], "sft.data"),
+])
+def test_bad_config_names_the_field(tmp_path, monkeypatch, capsys, overrides, expected):
+    monkeypatch.setenv("UFO_HOME", str(tmp_path / "ws"))
+    sets = [a for o in overrides for a in ("--set", o)]
+    for command in (["config", "validate"], ["run"]):
+        assert main([*command, str(REPO / "configs/tiny.yaml"), *sets]) == 2
+        err = capsys.readouterr().err
+        assert expected in err, err
+    assert not (tmp_path / "ws").exists(), "a rejected config must not create the MLflow store or anything else"
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["curate.sourcse=[]"], "curate.sourcse: unknown key"),
+    (["rl.gamma=high"], "rl.gamma: Input should be a valid number"),
+    (["rl.max_turns=9", "evaluate.num_samples=9"], "rl.max_turns: an episode of 9 turns can take"),
+])
+def test_ufo_run_exits_nonzero_and_creates_no_mlflow_run(tmp_path, overrides, expected):
+    """The real console entry point, in its own process: misspelt key, wrong type, broken invariant."""
+    home = tmp_path / "ws"
+    proc = ufo("run", "configs/tiny.yaml", *[a for o in overrides for a in ("--set", o)], home=home)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr, proc.stderr
+    assert not home.exists(), "a rejected config must not create the MLflow store or anything else"
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rl:\n  max_turns: 5\n  gamma: [0.5\n")
+    proc = ufo("config", "validate", str(bad), home=tmp_path / "ws")
+    assert proc.returncode == 2
+    assert f"{bad}:4" in proc.stderr and "invalid YAML" in proc.stderr
+
+
+def test_missing_config_file(tmp_path):
+    proc = ufo("run", "configs/nope.yaml", home=tmp_path / "ws")
+    assert proc.returncode == 2 and "no such config file" in proc.stderr
+
+
+def test_stage_cli_rejects_bad_stage_config(tmp_path):
+    cfg = tmp_path / "rl.yaml"
+    cfg.write_text("gama: 0.5\n")
+    proc = subprocess.run([sys.executable, "-m", "stages.rl", "--config", str(cfg)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "gama: unknown key" in proc.stderr

@@ -1,0 +1,171 @@
+"""Each stage for real on a tiny budget, chained in-process through a local SQLite MLflow store:
+the Output is well-formed AND something really happened (weights changed, metrics logged, digests
+verify). Also the bad-input paths: quarantined rows, tampered artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import mlflow
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from stages import curate, evaluate, rl, sft
+from stages.common.model import ModelConfig
+from stages.common.tracking import fetch_verified, sha256_path, tracking_uri
+from tests.conftest import REPO, SHARED_DATA
+
+SMALL_MODEL = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def curated(module_workspace) -> curate.Output:
+    return curate.run(curate.Config(experiment="stages"))
+
+
+@pytest.fixture(scope="module")
+def sft_out(curated) -> sft.Output:
+    cfg = sft.Config(experiment="stages", data=curated, model=SMALL_MODEL, max_steps=6, eval_every=3,
+                     val_problems=16, batch_size=16)
+    return sft.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def rl_out(curated, sft_out) -> rl.Output:
+    cfg = rl.Config(experiment="stages", data=curated, sft=sft_out, steps=2, problems_per_step=4, group_size=4,
+                    minibatch_size=8, ppo_epochs=2, lr=1e-2)
+    return rl.run(cfg)
+
+
+def _weights(output, tmp_path, name="model"):
+    folder = fetch_verified(output.artifact(name), tmp_path / output.run_id)
+    return load_file(folder / "model.safetensors")
+
+
+def _metric_history(run_id, key):
+    return [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+def test_curate_synthetic_splits_are_disjoint_and_verified(curated, tmp_path):
+    frames = {s: pd.read_parquet(fetch_verified(curated.artifact(s), tmp_path / s)) for s in curate.SPLITS}
+    assert {s: len(f) for s, f in frames.items()} == {"train": 5760, "val": 720, "test": 720}
+    keys = {s: set(f.question) for s, f in frames.items()}
+    assert not keys["train"] & keys["test"] and not keys["train"] & keys["val"] and not keys["val"] & keys["test"]
+    assert list(frames["train"].columns) == ["id", "question", "answer", "source"]
+    row = frames["test"].iloc[0]
+    a, b = map(int, row.question.split("*"))
+    assert int(row.answer) == a * b
+    manifest = json.loads(fetch_verified(curated.artifact("manifest"), tmp_path / "m").read_text())
+    assert manifest["splits"]["test"]["sha256"] == curated.artifact("test").sha256
+
+
+def test_curate_same_seed_same_splits(module_workspace, curated):
+    again = curate.run(curate.Config(experiment="stages"))
+    assert again.artifact("test").sha256 == curated.artifact("test").sha256
+    other = curate.run(curate.Config(experiment="stages", seed=1))
+    assert other.artifact("test").sha256 != curated.artifact("test").sha256
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file(),
+                    reason="../shared/data/gsm8k is absent on this machine (GSM8K is never committed)")
+def test_curate_reads_real_gsm8k(module_workspace, tmp_path):
+    out = curate.run(curate.Config(experiment="stages", sources=[
+        curate.GSM8KSource(path=str(SHARED_DATA / "gsm8k"))]))
+    test = pd.read_parquet(fetch_verified(out.artifact("test"), tmp_path))
+    train = pd.read_parquet(fetch_verified(out.artifact("train"), tmp_path / "t"))
+    assert len(test) == 1319 and (test.source == "gsm8k").all()
+    assert "2125" in set(test.answer) and not test.answer.str.contains(",").any()  # thousands commas removed
+    assert not set(train.question) & set(test.question)
+
+
+def test_curate_quarantines_bad_rows_naming_file_and_line(module_workspace, tmp_path):
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    good = [json.dumps({"question": f"What is {i}+1?", "answer": f"step\n#### {i + 1}"}) for i in range(40)]
+    (folder / "train.jsonl").write_text("\n".join([*good[:30], "{not json", json.dumps({"question": "q", "answer": "no final"})]))
+    (folder / "test.jsonl").write_text("\n".join([*good[30:], good[0]]))  # good[0] is also in train: contamination
+    out = curate.run(curate.Config(experiment="stages", sources=[curate.GSM8KSource(path=str(folder), val_fraction=0.1)]))
+    q = pd.read_parquet(fetch_verified(out.artifact("quarantine"), tmp_path / "q"))
+    reasons = "\n".join(q.reason)
+    assert f"{folder / 'train.jsonl'}:31: unreadable row" in reasons
+    assert f"{folder / 'train.jsonl'}:32: no '#### <final>'" in reasons
+    assert "decontaminated" in reasons
+
+
+def test_sft_trains_and_logs_a_verifiable_model(sft_out, tmp_path):
+    assert sft_out.run_id and set(sft_out.artifacts) == {"model"}
+    folder = fetch_verified(sft_out.artifact("model"), tmp_path)
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= {p.name for p in folder.iterdir()}
+    assert sft_out.metrics["sft/steps"] == 6
+    assert len(_metric_history(sft_out.run_id, "val/sampled_accuracy")) == 2
+    run = mlflow.MlflowClient().get_run(sft_out.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ufo.stage"] == "sft"
+
+
+def test_sft_from_pretrained_folder(module_workspace, curated, sft_out, tmp_path):
+    """The hub-model code path (`init: pretrained`), exercised on a local save_pretrained folder."""
+    local = fetch_verified(sft_out.artifact("model"), tmp_path / "base")
+    cfg = sft.Config(experiment="stages", data=curated, model=ModelConfig(init="pretrained", name_or_path=str(local)),
+                     max_steps=2, eval_every=2, val_problems=8, batch_size=8)
+    out = sft.run(cfg)
+    before, after = load_file(local / "model.safetensors"), _weights(out, tmp_path)
+    assert before.keys() == after.keys()
+    assert any(not before[k].equal(after[k]) for k in before)
+
+
+def test_rl_updates_the_policy_and_logs_per_step_metrics(sft_out, rl_out, tmp_path):
+    before, after = _weights(sft_out, tmp_path), _weights(rl_out, tmp_path)
+    assert any(not before[k].equal(after[k]) for k in before)
+    for key in ("rollout/reward_mean", "rollout/succ_at_1", "rollout/avg_turns", "loss/policy", "loss/kl"):
+        assert len(_metric_history(rl_out.run_id, key)) == 2, key
+    turns = _metric_history(rl_out.run_id, "rollout/avg_turns")
+    assert all(1 <= t <= 5 for t in turns)
+
+
+def test_evaluate_logs_every_metric_curve_and_table(curated, sft_out, rl_out, tmp_path):
+    out = evaluate.run(evaluate.Config(experiment="stages", data=curated, sft=sft_out, rl=rl_out, max_problems=16,
+                                       num_samples=5))
+    names = [f"succ_at_{k}" for k in range(1, 6)] + [f"pass_at_{k}" for k in range(1, 6)] + \
+        ["effective_answer_ratio", "avg_turns", "invalid_rate"]
+    logged = mlflow.MlflowClient().get_run(out.run_id).data.metrics
+    for model in ("sft", "rl"):
+        for n in names:
+            assert f"eval/{model}/{n}" in logged
+    table = pd.read_parquet(fetch_verified(out.artifact("examples"), tmp_path))
+    assert len(table) == 32 and set(table.model) == {"sft", "rl"}
+    png = fetch_verified(out.artifact("curves"), tmp_path / "png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stage_refuses_an_artifact_whose_digest_does_not_match(curated, tmp_path):
+    """Tamper with the logged train split in the artifact store; the SFT process must refuse it."""
+    local = mlflow.artifacts.download_artifacts(curated.artifact("train").uri, dst_path=str(tmp_path / "dl"))
+    store_path = mlflow.MlflowClient().get_run(curated.run_id).info.artifact_uri.removeprefix("file://")
+    stored = f"{store_path}/data/train.parquet"
+    with open(stored, "rb") as f:
+        original = f.read()
+    try:
+        df = pd.read_parquet(local)
+        df.loc[0, "answer"] = "0"  # one poisoned label
+        df.to_parquet(stored, index=False)
+        assert sha256_path(stored) != curated.artifact("train").sha256
+        cfg_path = tmp_path / "sft.json"
+        cfg_path.write_text(json.dumps({"experiment": "stages", "data": curated.model_dump(mode="json"),
+                                        "max_steps": 2, "eval_every": 2}))
+        started_ms = int(time.time() * 1000)
+        proc = subprocess.run([sys.executable, "-m", "stages.sft", "--config", str(cfg_path)], cwd=REPO,
+                              capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()})
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        assert "does not match the recorded" in proc.stderr and "train.parquet" in proc.stderr
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`ufo.stage` = 'sft'",
+                                  output_format="list")
+        late = [r for r in runs if r.info.start_time >= started_ms]
+        assert late and all(r.info.status == "FAILED" for r in late)  # never a FINISHED run on bad bytes
+    finally:
+        with open(stored, "wb") as f:
+            f.write(original)
