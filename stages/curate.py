@@ -23,7 +23,7 @@ import pandas as pd
 from pydantic import Field, model_validator
 
 from stages.common.cli import stage_main
-from stages.common.config import ConfigError, StrictModel
+from stages.common.config import ConfigError, StageConfig, StrictModel
 from stages.common.tracking import StageOutput, log_artifact, stage_run
 
 log = logging.getLogger("ufo.curate")
@@ -67,11 +67,7 @@ class GSM8KSource(StrictModel):
 Source = Annotated[MultiplicationSource | GSM8KSource, Field(discriminator="kind")]
 
 
-class Config(StrictModel):
-    experiment: str = "ufo"
-    """MLflow experiment the stage's run is logged to."""
-    seed: int = 0
-    """Seeds the split assignment and shuffling; same seed, same splits."""
+class Config(StageConfig):
     sources: list[Source] = Field(default_factory=lambda: [MultiplicationSource()], min_length=1)
     """Datasets to curate, concatenated."""
     max_question_chars: int = Field(2000, ge=1)

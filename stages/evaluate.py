@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from stages.common.chat import ChatFormat
 from stages.common.cli import stage_main
-from stages.common.config import ConfigError, StrictModel
+from stages.common.config import ConfigError, StageConfig
 from stages.common.episodes import Problem, rollout
 from stages.common.metrics import episode_metrics, pass_at_k
 from stages.common.model import Device, load_pretrained, resolve_device, seed_everything, set_cpu_threads
@@ -37,11 +37,7 @@ from stages.sft import Output as SFTOutput
 log = logging.getLogger("ufo.evaluate")
 
 
-class Config(StrictModel):
-    experiment: str = "ufo"
-    """MLflow experiment the stage's run is logged to."""
-    seed: int = 0
-    """Seeds the sampling."""
+class Config(StageConfig):
     device: Device = "auto"
     data: CurateOutput | None = None
     """The curate stage's Output (set by the flow)."""

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from stages.common.chat import ChatFormat, build_char_tokenizer
 from stages.common.cli import stage_main
-from stages.common.config import ConfigError, StrictModel
+from stages.common.config import ConfigError, StageConfig
 from stages.common.episodes import Problem, rollout
 from stages.common.grading import equivalent
 from stages.common.model import (
@@ -47,11 +47,7 @@ log = logging.getLogger("ufo.sft")
 DEFAULT_FEEDBACK = "Let's try again."
 
 
-class Config(StrictModel):
-    experiment: str = "ufo"
-    """MLflow experiment the stage's run is logged to."""
-    seed: int = 0
-    """Seeds initialisation, example mixing and validation sampling."""
+class Config(StageConfig):
     device: Device = "auto"
     """auto = cuda when visible, else cpu."""
     data: CurateOutput | None = None
@@ -75,8 +71,9 @@ class Config(StrictModel):
     """Stop once sampled (temperature 1) single-turn accuracy on the val split reaches this."""
     val_problems: int = Field(256, ge=1)
     """Validation problems sampled for the stopping rule (~0.3 s per check at 256)."""
-    multi_turn_fraction: float = Field(0.3, ge=0, le=1)
-    """Share of examples with 1..max_wrong_attempts earlier wrong attempts followed by feedback."""
+    multi_turn_fraction: float = Field(0.5, ge=0, le=1)
+    """Share of examples with 1..max_wrong_attempts earlier wrong attempts followed by feedback. Measured
+    on the tiny default (2 seeds each): 0.3 -> Succ@5 - Succ@1 of 0.07-0.10, 0.5 -> 0.27."""
     max_wrong_attempts: int = Field(4, ge=1)
     """Most wrong attempts before the final answer in a multi-turn example (keep < rl.max_turns)."""
     max_new_tokens: int = Field(8, ge=1)
@@ -106,11 +103,10 @@ def make_batches(fmt: ChatFormat, problems: list[Problem], cfg: Config, rng: ran
                  device: torch.device) -> list[dict[str, torch.Tensor]]:
     """One optimizer step's examples as right-padded sub-batches; labels are -100 but on the final answer.
 
-    Single-turn and multi-turn examples go in separate sub-batches: padded together, the short
-    single-turn majority would be padded to the longest multi-turn example (~4x its length), doubling
-    the compute of a step.
+    Examples are bucketed by their number of earlier attempts: padded together, every example would
+    be padded to the longest 4-attempt one (~4x a single-turn example), doubling a step's compute.
     """
-    buckets: dict[bool, list[tuple[list[int], list[int]]]] = {False: [], True: []}
+    buckets: dict[int, list[tuple[list[int], list[int]]]] = {k: [] for k in range(cfg.max_wrong_attempts + 1)}
     for _ in range(cfg.batch_size):
         p = rng.choice(problems)
         wrong: list[str] = []
@@ -120,7 +116,7 @@ def make_batches(fmt: ChatFormat, problems: list[Problem], cfg: Config, rng: ran
                 other = rng.choice(problems).answer
                 if not equivalent(p.answer, other):
                     wrong.append(other)
-        buckets[bool(wrong)].append(fmt.sft_example(p.question, wrong, p.answer))
+        buckets[len(wrong)].append(fmt.sft_example(p.question, wrong, p.answer))
     return [_collate(examples, fmt.pad_id, device) for examples in buckets.values() if examples]
 
 

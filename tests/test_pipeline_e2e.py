@@ -22,13 +22,19 @@ METRICS = [f"succ_at_{k}" for k in range(1, T + 1)] + [f"pass_at_{k}" for k in r
 
 @pytest.fixture(scope="module")
 def pipeline(module_workspace):
-    env = {**os.environ, "UFO_HOME": str(module_workspace)}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default: a SQLite store inside the workspace
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "configs/smoke.yaml"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    # No MLFLOW_TRACKING_URI: the default, a SQLite store inside the workspace.
+    proc = ufo_run(module_workspace, "configs/smoke.yaml")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     mlflow.set_tracking_uri(f"sqlite:///{module_workspace / 'mlflow.db'}")
+    proc.parents = _runs("tags.`ufo.kind` = 'pipeline'")  # as they were right after the run
     return proc
+
+
+def ufo_run(workspace, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "UFO_HOME": str(workspace)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
 
 
 def _runs(filter_string):
@@ -36,7 +42,7 @@ def _runs(filter_string):
 
 
 def test_one_pipeline_run_with_four_finished_stage_runs(pipeline, tmp_path):
-    parents = _runs("tags.`ufo.kind` = 'pipeline'")
+    parents = pipeline.parents
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     pid = parents[0].info.run_id
     children = _runs(f"tags.`mlflow.parentRunId` = '{pid}'")
@@ -80,3 +86,31 @@ def test_stage_output_streams_into_prefect_logs(pipeline):
     log = pipeline.stdout + pipeline.stderr
     for stage in ("curate", "sft", "rl", "evaluate"):
         assert f"Task run '{stage}'" in log and f"[{stage}] {stage}: done, MLflow run" in log
+
+
+def test_rerun_from_an_earlier_run_reuses_upstream_stages(pipeline, module_workspace):
+    (parent,) = pipeline.parents
+    proc = ufo_run(module_workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "evaluate",
+                   "--set", "evaluate.max_problems=20")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (rerun,) = [r for r in _runs("tags.`ufo.kind` = 'pipeline'") if r.info.run_id != parent.info.run_id]
+    old = {c.data.tags["ufo.stage"]: c.info.run_id for c in _runs(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert {s: rerun.data.tags[f"ufo.reused.{s}"] for s in ("curate", "sft", "rl")} == \
+        {s: old[s] for s in ("curate", "sft", "rl")}
+    (new_eval,) = _runs(f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'")
+    assert new_eval.data.tags["ufo.stage"] == "evaluate" and new_eval.info.status == "FINISHED"
+    assert new_eval.info.run_id != old["evaluate"]
+
+
+def test_a_failing_stage_fails_the_pipeline_clearly_after_its_retries(tmp_path):
+    proc = ufo_run(tmp_path / "ws", "configs/smoke.yaml", "--set", "curate.sources=[{kind: gsm8k, path: /nonexistent}]",
+                   "--set", "flow.retries.curate=1", "--set", "flow.retry_delay_seconds=0")
+    assert proc.returncode == 1
+    assert "error: pipeline failed: stage curate exited with code 2" in proc.stderr
+    assert "/nonexistent/train.jsonl not found" in proc.stderr  # the stage's own message, from its log tail
+    log = proc.stdout + proc.stderr
+    assert log.count("$ ") >= 2 and "Retrying" in log  # attempted twice
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
+    (parent,) = _runs("tags.`ufo.kind` = 'pipeline'")
+    assert parent.info.status == "FAILED"
+    assert not _runs("tags.`ufo.stage` = 'sft'")  # nothing downstream ran

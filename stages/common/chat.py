@@ -67,6 +67,7 @@ class ChatFormat:
     feedback: str
     # Rendering the chat template (jinja) costs ~0.1 ms a call: SFT and rollouts re-ask the same prompts.
     _prompts: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _answers: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def eos_id(self) -> int:
@@ -109,7 +110,9 @@ class ChatFormat:
 
     def answer_ids(self, text: str) -> list[int]:
         """A reply as the model would emit it: its tokens then eos (used for SFT targets)."""
-        return [*self.encode(text), self.eos_id]
+        if text not in self._answers:
+            self._answers[text] = [*self.encode(text), self.eos_id]
+        return list(self._answers[text])
 
     def sft_example(self, question: str, wrong_attempts: list[str], answer: str) -> tuple[list[int], list[int]]:
         """A (possibly multi-turn) SFT conversation and its loss mask: 1 on the final answer only.

@@ -22,6 +22,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
+class StageConfig(StrictModel):
+    """Fields every stage config has."""
+
+    experiment: str = "ufo"
+    """MLflow experiment the stage's run is logged to (the pipeline copies its own here)."""
+    seed: int = 0
+    """Seeds everything random in the stage: same seed and inputs, same result on the same machine."""
+
+
 class ConfigError(ValueError):
     """A config could not be loaded or validated; the message names the field, file or override."""
 

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, model_validator
 
 from stages.common.chat import ChatFormat
-from stages.common.config import ConfigError, StrictModel
+from stages.common.config import ConfigError, StageConfig
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import episode_metrics
 from stages.common.model import (
@@ -46,11 +46,7 @@ from stages.sft import Output as SFTOutput
 log = logging.getLogger("ufo.rl")
 
 
-class Config(StrictModel):
-    experiment: str = "ufo"
-    """MLflow experiment the stage's run is logged to."""
-    seed: int = 0
-    """Seeds problem sampling and rollouts."""
+class Config(StageConfig):
     device: Device = "auto"
     """auto = cuda when visible, else cpu."""
     data: CurateOutput | None = None
