@@ -30,7 +30,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" $(PYTEST_ARGS)
 
-## The slow acceptance test: the full tiny default pipeline, checked against its targets (~6 min).
+## The slow acceptance test: the full tiny default pipeline, checked against its targets (3 seeds, ~7 min each).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 

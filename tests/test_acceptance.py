@@ -1,4 +1,4 @@
-"""The tiny default lands in a useful regime (slow: ~6 min per seed; `make test-slow`).
+"""The tiny default lands in a useful regime (slow: ~7 min per seed; `make test-slow`).
 
 SFT: retrying already helps (Succ@5 - Succ@1 >= 0.08) and answers parse (invalid < 0.02).
 RL: does not break the model (Succ@5 >= SFT's - 0.05, invalid < 0.05) and logs its training reward.
