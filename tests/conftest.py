@@ -4,8 +4,11 @@ and a tiny character-level tokenizer/model built exactly as the SFT stage builds
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 
@@ -21,11 +24,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def workspace_tracking_uri(path: Path) -> str:
+    """The SQLite MLflow store that `ufo run` creates in workspace `path` by default."""
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
 def use_workspace(mp: pytest.MonkeyPatch, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     mp.setenv("UFO_HOME", str(path))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
+    mp.setenv("MLFLOW_TRACKING_URI", workspace_tracking_uri(path))
     return path
+
+
+def ufo_run(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+    """`ufo run ARGS` as a user runs it: workspace `workspace`, its default tracking store."""
+    env = {**os.environ, "UFO_HOME": str(workspace)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def find_runs(filter_string: str) -> list:
+    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string, output_format="list")
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tests.test_pipeline_e2e import _runs, ufo_run
+from tests.conftest import find_runs, ufo_run, workspace_tracking_uri
 
 
 @pytest.mark.slow
@@ -17,14 +17,14 @@ from tests.test_pipeline_e2e import _runs, ufo_run
 def test_tiny_default_lands_in_a_useful_regime(tmp_path, seed):
     proc = ufo_run(tmp_path / "ws", "configs/tiny.yaml", "--set", f"seed={seed}")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
-    (ev,) = _runs("tags.`ufo.stage` = 'evaluate'")
+    mlflow.set_tracking_uri(workspace_tracking_uri(tmp_path / "ws"))
+    (ev,) = find_runs("tags.`ufo.stage` = 'evaluate'")
     m = ev.data.metrics
     print({k: round(v, 3) for k, v in sorted(m.items()) if k.startswith("eval/")})
     assert m["eval/sft/succ_at_5"] - m["eval/sft/succ_at_1"] >= 0.08
     assert m["eval/sft/invalid_rate"] < 0.02
     assert m["eval/rl/succ_at_5"] >= m["eval/sft/succ_at_5"] - 0.05
     assert m["eval/rl/invalid_rate"] < 0.05
-    (rl_run,) = _runs("tags.`ufo.stage` = 'rl'")
+    (rl_run,) = find_runs("tags.`ufo.stage` = 'rl'")
     rewards = mlflow.MlflowClient().get_metric_history(rl_run.info.run_id, "rollout/reward_mean")
     assert len(rewards) == 130

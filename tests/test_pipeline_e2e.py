@@ -4,16 +4,13 @@ processes, a local SQLite MLflow store. Then MLflow is queried the way a user wo
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import mlflow
 import pytest
 
 from flows.pipeline import OUTPUT_TYPES
 from stages.common.tracking import fetch_verified
-from tests.conftest import REPO
+from tests.conftest import find_runs, ufo_run, workspace_tracking_uri
 
 T = 5
 METRICS = [f"succ_at_{k}" for k in range(1, T + 1)] + [f"pass_at_{k}" for k in range(1, T + 1)] + \
@@ -25,27 +22,16 @@ def pipeline(module_workspace):
     # No MLFLOW_TRACKING_URI: the default, a SQLite store inside the workspace.
     proc = ufo_run(module_workspace, "configs/smoke.yaml")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    mlflow.set_tracking_uri(f"sqlite:///{module_workspace / 'mlflow.db'}")
-    proc.parents = _runs("tags.`ufo.kind` = 'pipeline'")  # as they were right after the run
+    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))
+    proc.parents = find_runs("tags.`ufo.kind` = 'pipeline'")  # as they were right after the run
     return proc
-
-
-def ufo_run(workspace, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "UFO_HOME": str(workspace)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
-
-
-def _runs(filter_string):
-    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string, output_format="list")
 
 
 def test_one_pipeline_run_with_four_finished_stage_runs(pipeline, tmp_path):
     parents = pipeline.parents
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     pid = parents[0].info.run_id
-    children = _runs(f"tags.`mlflow.parentRunId` = '{pid}'")
+    children = find_runs(f"tags.`mlflow.parentRunId` = '{pid}'")
     assert sorted(c.data.tags["ufo.stage"] for c in children) == ["curate", "evaluate", "rl", "sft"]
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:
@@ -59,7 +45,7 @@ def test_one_pipeline_run_with_four_finished_stage_runs(pipeline, tmp_path):
 
 
 def test_every_evaluate_metric_is_logged_and_consistent(pipeline):
-    (ev,) = _runs("tags.`ufo.stage` = 'evaluate'")
+    (ev,) = find_runs("tags.`ufo.stage` = 'evaluate'")
     m = ev.data.metrics
     for model in ("sft", "rl"):
         for name in METRICS:
@@ -77,7 +63,7 @@ def test_every_evaluate_metric_is_logged_and_consistent(pipeline):
 
 
 def test_rl_logged_per_step_training_reward(pipeline):
-    (rl_run,) = _runs("tags.`ufo.stage` = 'rl'")
+    (rl_run,) = find_runs("tags.`ufo.stage` = 'rl'")
     history = mlflow.MlflowClient().get_metric_history(rl_run.info.run_id, "rollout/reward_mean")
     assert [h.step for h in history] == [1, 2, 3, 4]
 
@@ -93,11 +79,11 @@ def test_rerun_from_an_earlier_run_reuses_upstream_stages(pipeline, module_works
     proc = ufo_run(module_workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "evaluate",
                    "--set", "evaluate.max_problems=20")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    (rerun,) = [r for r in _runs("tags.`ufo.kind` = 'pipeline'") if r.info.run_id != parent.info.run_id]
-    old = {c.data.tags["ufo.stage"]: c.info.run_id for c in _runs(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    (rerun,) = [r for r in find_runs("tags.`ufo.kind` = 'pipeline'") if r.info.run_id != parent.info.run_id]
+    old = {c.data.tags["ufo.stage"]: c.info.run_id for c in find_runs(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
     assert {s: rerun.data.tags[f"ufo.reused.{s}"] for s in ("curate", "sft", "rl")} == \
         {s: old[s] for s in ("curate", "sft", "rl")}
-    (new_eval,) = _runs(f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'")
+    (new_eval,) = find_runs(f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'")
     assert new_eval.data.tags["ufo.stage"] == "evaluate" and new_eval.info.status == "FINISHED"
     assert new_eval.info.run_id != old["evaluate"]
 
@@ -110,7 +96,7 @@ def test_a_failing_stage_fails_the_pipeline_clearly_after_its_retries(tmp_path):
     assert "/nonexistent/train.jsonl not found" in proc.stderr  # the stage's own message, from its log tail
     log = proc.stdout + proc.stderr
     assert log.count("-m stages.curate --config") == 2  # the first attempt and one retry
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
-    (parent,) = _runs("tags.`ufo.kind` = 'pipeline'")
+    mlflow.set_tracking_uri(workspace_tracking_uri(tmp_path / "ws"))
+    (parent,) = find_runs("tags.`ufo.kind` = 'pipeline'")
     assert parent.info.status == "FAILED"
-    assert not _runs("tags.`ufo.stage` = 'sft'")  # nothing downstream ran
+    assert not find_runs("tags.`ufo.stage` = 'sft'")  # nothing downstream ran

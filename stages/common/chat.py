@@ -8,6 +8,7 @@ never by re-tokenising decoded text: RL must train on exactly the ids that were 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -65,9 +66,9 @@ class ChatFormat:
 
     tokenizer: PreTrainedTokenizerBase
     feedback: str
-    # Rendering the chat template (jinja) costs ~0.1 ms a call: SFT and rollouts re-ask the same prompts.
-    _prompts: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    _answers: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    # Rendering the chat template (jinja) costs ~0.1 ms a call and SFT and rollouts re-ask the same
+    # prompts and answers: token ids are memoised per (kind, text).
+    _memo: dict[tuple[str, str], list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def eos_id(self) -> int:
@@ -84,11 +85,17 @@ class ChatFormat:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _memoised(self, kind: str, text: str, build: Callable[[str], list[int]]) -> list[int]:
+        """build(text), computed once per (kind, text); a fresh list each call, so callers may extend it."""
+        key = (kind, text)
+        if key not in self._memo:
+            self._memo[key] = build(text)
+        return list(self._memo[key])
+
     def prompt_ids(self, question: str) -> list[int]:
         """The first user turn plus the assistant header: what the model answers at turn 0."""
-        if question not in self._prompts:
-            self._prompts[question] = self.encode(self._render([{"role": "user", "content": question}], True))
-        return list(self._prompts[question])
+        return self._memoised(
+            "prompt", question, lambda q: self.encode(self._render([{"role": "user", "content": q}], True)))
 
     @cached_property
     def feedback_ids(self) -> list[int]:
@@ -110,9 +117,7 @@ class ChatFormat:
 
     def answer_ids(self, text: str) -> list[int]:
         """A reply as the model would emit it: its tokens then eos (used for SFT targets)."""
-        if text not in self._answers:
-            self._answers[text] = [*self.encode(text), self.eos_id]
-        return list(self._answers[text])
+        return self._memoised("answer", text, lambda t: [*self.encode(t), self.eos_id])
 
     def sft_example(self, question: str, wrong_attempts: list[str], answer: str) -> tuple[list[int], list[int]]:
         """A (possibly multi-turn) SFT conversation and its loss mask: 1 on the final answer only.
@@ -120,7 +125,7 @@ class ChatFormat:
         Earlier wrong attempts are context, like the question and the feedback: the model must learn
         to answer after "Let's try again.", not to reproduce wrong answers.
         """
-        ids = list(self.prompt_ids(question))
+        ids = self.prompt_ids(question)
         mask = [0] * len(ids)
         for wrong in wrong_attempts:
             piece = self.answer_ids(wrong) + self.feedback_ids
