@@ -1,10 +1,13 @@
 """`ufo`: the command line.
 
-  ufo run CONFIG [--set a.b=c ...] [--from-run RUN_ID --only STAGE ...]
+  ufo run CONFIG [--set a.b=c ...] [--from-run RUN_ID --only STAGE ...] [--force]
   ufo config validate CONFIG [--set a.b=c ...]
 
-Configs are validated before anything is created: a bad config exits 2 naming the field path, and no
-MLflow run or Prefect flow run exists afterwards.
+Bad input never gets far: configs, files and arguments are checked before anything heavy is
+imported (an error comes back in about a second, exit 2, naming the field, file or line), and the
+servers a run needs are checked before anything is created (exit 2 in seconds, naming the URI).
+Ctrl-C or SIGTERM stops the running stage, closes every open MLflow run as KILLED, lets Prefect mark
+its runs Crashed, stops the local Prefect server last and exits 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,28 +15,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
-from flows.config import STAGES, PipelineConfig
-from stages.common.config import ConfigError, dump_yaml, load_config
-from stages.common.tracking import tracking_uri, workspace
+from flows.config import STAGES, UPSTREAM, PipelineConfig
+from stages.common.config import ConfigError, apply_overrides, dump_yaml, read_yaml, validate
+from stages.common.runtime import Terminated, raise_on_signals
+from stages.common.workspace import tracking_uri, workspace
 
 
 def _load(args) -> PipelineConfig:
-    return load_config(PipelineConfig, args.config, args.overrides)
+    data = read_yaml(args.config)
+    if not data:
+        raise ConfigError(f"{args.config}: the config is empty; a pipeline config sets at least one of "
+                          f"{', '.join(['experiment', 'flow', *STAGES])} (start from configs/tiny.yaml)")
+    return validate(PipelineConfig, apply_overrides(data, list(args.overrides)), str(args.config))
 
 
 def _prepare_environment() -> None:
     """Local defaults for Prefect, set before prefect is imported (it reads settings at import)."""
-    ws = workspace()
-    (ws / "prefect").mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_HOME", str(ws / "prefect"))
+    home = workspace() / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    # The embedded server's first start migrates a new database: over Prefect's 20 s default on a
-    # busy 2-core machine (seen here).
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -49,9 +55,21 @@ def ui_commands() -> list[str]:
     return out
 
 
-def _reuse_from(run_id: str, only: list[str]) -> dict[str, dict]:
-    """Outputs of the stages NOT in `only`, taken from an earlier pipeline run's outputs/<stage>.json."""
+def _differences(before: object, after: object, path: str) -> list[str]:
+    """Dotted paths where two JSON-like values differ, with both values."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [d for k in sorted(set(before) | set(after))
+                for d in _differences(before.get(k), after.get(k), f"{path}.{k}")]
+    return [] if before == after else [f"{path} (recorded {before!r}, now {after!r})"]
+
+
+def _reuse_from(run_id: str, only: list[str], cfg: PipelineConfig) -> dict[str, dict]:
+    """Outputs of the stages before `only`, from an earlier pipeline run, after checking that each was
+    produced under the config this run would give it (else its result would not be this run's)."""
     import mlflow
+    import yaml
+
+    from flows.cache import NON_RESULT_FIELDS
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
@@ -65,9 +83,19 @@ def _reuse_from(run_id: str, only: list[str]) -> dict[str, dict]:
     reuse = {}
     for name in STAGES[:first]:
         try:
-            reuse[name] = mlflow.artifacts.load_dict(f"runs:/{run_id}/outputs/{name}.json")
+            out = mlflow.artifacts.load_dict(f"runs:/{run_id}/outputs/{name}.json")
+            recorded = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{out['run_id']}/config/resolved.yaml"))
         except Exception:
             raise ConfigError(f"--from-run {run_id}: it has no finished {name} stage to reuse") from None
+        ignore = {*NON_RESULT_FIELDS.get("*", ()), *NON_RESULT_FIELDS.get(name, ()), *UPSTREAM[name]}
+        now = getattr(cfg, name).model_dump(mode="json")
+        diffs = _differences({k: v for k, v in recorded.items() if k not in ignore},
+                             {k: v for k, v in now.items() if k not in ignore}, name)
+        if diffs:
+            raise ConfigError(f"--from-run {run_id}: its {name} stage ran under a different config, so its "
+                              f"result cannot stand in for this run's; differing fields:\n  " + "\n  ".join(diffs)
+                              + f"\nRerun from {name} (--only {name}) or drop the overrides that change it.")
+        reuse[name] = out
     return reuse
 
 
@@ -79,22 +107,31 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    cfg = _load(args)  # validate before creating anything
+    cfg = _load(args)  # validate before creating or importing anything heavy
     only = args.only or []
     if only and not args.from_run and only[0] != "curate":
         raise ConfigError("--only without --from-run: the first stage to run needs the outputs of an earlier run")
     if only:
         first = min(STAGES.index(s) for s in only)
         only = list(STAGES[first:])  # a rerun stage invalidates everything downstream of it
-    reuse = _reuse_from(args.from_run, only) if args.from_run else {}
-    _prepare_environment()
-    from flows.pipeline import ufo_pipeline  # imports prefect: after the environment is set
+    raise_on_signals(signal.SIGINT, signal.SIGTERM)
+    from flows.server import check_tracking, prefect_api  # stdlib only
 
-    try:
-        summary = ufo_pipeline(cfg.model_dump(mode="json"), reuse=reuse)
-    except Exception as err:  # a stage failed: its run is marked FAILED, nothing downstream ran
-        print(f"error: pipeline failed: {err}", file=sys.stderr)
-        return 1
+    uri = tracking_uri()
+    check_tracking(uri)
+    if cfg.flow.launcher != "local" and not uri.startswith(("http://", "https://")):
+        raise ConfigError(f"flow.launcher: {cfg.flow.launcher} needs an MLflow tracking server that serves "
+                          f"artifacts (MLFLOW_TRACKING_URI=http://...; `ufo stack up` starts one), not {uri}")
+    reuse = _reuse_from(args.from_run, only, cfg) if args.from_run else {}
+    _prepare_environment()
+    with prefect_api(workspace() / "prefect"):
+        from flows.pipeline import ufo_pipeline  # imports prefect: after PREFECT_API_URL is set
+
+        try:
+            summary = ufo_pipeline(cfg.model_dump(mode="json"), reuse=reuse, force=args.force)
+        except Exception as err:  # a stage failed: its run is FAILED, nothing downstream ran
+            print(f"error: pipeline failed: {err}", file=sys.stderr)
+            return 1
     print(json.dumps(summary, indent=2))
     m = summary["metrics"]
     T = cfg.evaluate.max_turns
@@ -121,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--from-run", help="MLflow id of an earlier pipeline run whose stage outputs to reuse")
     run_p.add_argument("--only", action="append", choices=STAGES,
                        help="rerun from this stage on (with --from-run); repeatable")
+    run_p.add_argument("--force", action="store_true",
+                       help="run every stage even when the stage cache holds its result")
     run_p.set_defaults(func=cmd_run)
 
     cfg_p = sub.add_parser("config", help="config tools")
@@ -138,8 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Terminated as err:
+        print(f"ufo: stopped ({err}); every run it opened was closed as KILLED", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        print("ufo: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as err:
+        # Prefect turns SIGTERM into its own TerminationSignal while a flow runs.
+        if type(err).__name__ == "TerminationSignal":
+            print("ufo: stopped (received SIGTERM); every run it opened was closed as KILLED", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        raise
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,5 +1,10 @@
 """The pipeline config: the four stage configs under `curate`, `sft`, `rl`, `evaluate`, plus what the
-flow itself needs (retries), with the invariants that span stages checked at load time."""
+flow itself needs (launcher, per-stage retries, cache, timeout and resources), with the invariants
+that span stages checked at load time.
+
+Imports only the stages' `config` modules (pydantic, no torch, no MLflow): `ufo` answers a bad config
+in well under a second.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,71 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stages import curate as curate_stage
-from stages import evaluate as evaluate_stage
-from stages import rl as rl_stage
-from stages import sft as sft_stage
+from flows.resources import Resources
 from stages.common.config import StrictModel
+from stages.curate import config as curate_config
+from stages.evaluate import config as evaluate_config
+from stages.rl import config as rl_config
+from stages.sft import config as sft_config
 
 STAGES = ("curate", "sft", "rl", "evaluate")
 StageName = Literal["curate", "sft", "rl", "evaluate"]
-# Fields of each stage that the flow fills with upstream Outputs; a config file must not set them.
-UPSTREAM_FIELDS = {"sft": ("data",), "rl": ("data", "sft"), "evaluate": ("data", "sft", "rl")}
+#: The upstream Outputs each stage's config receives from the flow: field -> producing stage.
+UPSTREAM: dict[str, dict[str, str]] = {
+    "curate": {},
+    "sft": {"data": "curate"},
+    "rl": {"data": "curate", "sft": "sft"},
+    "evaluate": {"data": "curate", "sft": "sft", "rl": "rl"},
+}
 
 
-class Retries(StrictModel):
-    """How often the flow reruns a failed stage process before failing the pipeline."""
+class StageSettings(StrictModel):
+    """How the flow runs one stage. The stage itself never sees these."""
 
-    curate: int = Field(0, ge=0)
-    sft: int = Field(0, ge=0)
-    rl: int = Field(0, ge=0)
-    evaluate: int = Field(0, ge=0)
+    retries: int = Field(0, ge=0)
+    """Rerun a failed stage this many times (each attempt is its own MLflow run; failed ones end FAILED)."""
+    cache: bool = True
+    """Reuse a FINISHED run of this stage with the same cache key (config, input digests, code) instead
+    of running it again. `ufo run --force` turns the cache off for every stage."""
+    timeout_seconds: float | None = Field(None, gt=0)
+    """Stop the stage (SIGTERM, then SIGKILL after `flow.stop_grace_seconds`) once it runs longer
+    than this, whether or not it prints; None = `flow.stage_timeout_seconds`."""
+    resources: Resources = Resources()
+    """CPUs, memory, shared memory, GPUs, node selector, tolerations (docker and deployment launchers)."""
 
 
 class FlowConfig(StrictModel):
-    retries: Retries = Retries()
-    """Per-stage retry counts (a stage is rerun from scratch; it starts a new MLflow child run)."""
+    launcher: Literal["local", "docker", "deployment"] = "local"
+    """How each stage runs. `local`: a process on this machine (the default; needs no Docker).
+    `docker`: a container of the stage's image (`make images`) through the Docker engine.
+    `deployment`: a Prefect deployment on a work pool (`ufo deploy`), run by that pool's worker.
+    `docker` and `deployment` need an MLflow tracking server that serves artifacts (`ufo stack up`)."""
+    image_prefix: str = "ufo"
+    """Stage images are `<image_prefix>-<stage>:<image_tag>` (what `make images` builds)."""
+    image_tag: str = "latest"
+    """Tag of the stage images."""
+    deployment_flow: str = "ufo-stage"
+    """Flow name of the per-stage deployments (`ufo deploy` names them `<deployment_flow>/<stage>`)."""
     retry_delay_seconds: float = Field(5.0, ge=0)
     """Wait between a failed attempt and its retry."""
     stage_timeout_seconds: float | None = Field(None, gt=0)
-    """Kill a stage process that runs longer than this; None = no limit."""
+    """Default timeout of every stage; a stage's own `timeout_seconds` wins. None = no limit."""
+    stop_grace_seconds: float = Field(10.0, ge=0)
+    """On a timeout or an interrupt, a stage gets SIGTERM and this long to end its run before SIGKILL."""
+    curate: StageSettings = StageSettings()
+    sft: StageSettings = StageSettings()
+    rl: StageSettings = StageSettings()
+    evaluate: StageSettings = StageSettings()
+
+    def stage(self, name: str) -> StageSettings:
+        return getattr(self, name)
+
+    def timeout(self, name: str) -> float | None:
+        own = self.stage(name).timeout_seconds
+        return own if own is not None else self.stage_timeout_seconds
+
+    def image(self, name: str) -> str:
+        return f"{self.image_prefix}-{name}:{self.image_tag}"
 
 
 class PipelineConfig(StrictModel):
@@ -44,14 +86,14 @@ class PipelineConfig(StrictModel):
     """Seed of every stage, unless a stage sets its own."""
     flow: FlowConfig = FlowConfig()
     """Orchestration settings; stages never see them."""
-    curate: curate_stage.Config = curate_stage.Config()
-    """Data curation (stages/curate.py)."""
-    sft: sft_stage.Config = sft_stage.Config()
-    """SFT warmup (stages/sft.py)."""
-    rl: rl_stage.Config = rl_stage.Config()
+    curate: curate_config.Config = curate_config.Config()
+    """Data curation (stages/curate/)."""
+    sft: sft_config.Config = sft_config.Config()
+    """SFT warmup (stages/sft/)."""
+    rl: rl_config.Config = rl_config.Config()
     """Multi-turn RL with unary feedback (stages/rl/)."""
-    evaluate: evaluate_stage.Config = evaluate_stage.Config()
-    """Evaluation of the SFT and RL models (stages/evaluate.py)."""
+    evaluate: evaluate_config.Config = evaluate_config.Config()
+    """Evaluation of the SFT and RL models (stages/evaluate/)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -77,7 +119,7 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _invariants(self) -> PipelineConfig:
-        for stage, fields in UPSTREAM_FIELDS.items():
+        for stage, fields in UPSTREAM.items():
             for f in fields:
                 if getattr(getattr(self, stage), f) is not None:
                     raise ValueError(f"{stage}.{f}: set by the flow from the upstream stage's output; remove it "

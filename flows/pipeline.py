@@ -1,128 +1,138 @@
-"""The Prefect flow: curate -> SFT -> RL -> evaluate, each stage its own process.
+"""The Prefect flow: curate -> SFT -> RL -> evaluate, each stage launched by `flow.launcher`.
 
-Each stage runs as `python -m stages.<name> --config ... --output ...` (the command its container
-runs), its output streamed into the Prefect logs. The flow opens the MLflow pipeline run (tagged
-`ufo.kind=pipeline`); each stage opens a child run. Between stages only small typed Outputs travel
-(run ids, artifact URIs, digests).
+The flow opens the MLflow pipeline run (tagged `ufo.kind=pipeline`) and, for every stage attempt, a
+RUNNING child run that the stage logs into. Between stages only small typed Outputs travel (run
+ids, artifact URIs, digests), read back from each stage run's `ufo/output.json`. A stage whose
+result is already in MLflow (same cache key) is not run again. Whatever happens — a crash, a
+timeout, a SIGKILL, a Ctrl-C — every run the flow opened ends FINISHED, FAILED or KILLED, never
+left RUNNING, with the reason in the tag `ufo.failure`.
 """
 
 from __future__ import annotations
 
-import collections
-import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 
-from flows.config import STAGES, PipelineConfig
-from stages import curate, evaluate, rl, sft
+from flows.cache import cache_key, code_digest
+from flows.config import STAGES, UPSTREAM, FlowConfig, PipelineConfig
+from flows.launchers import StageJob, make_launcher
+from flows.runs import close_run, create_stage_run, find_cached, read_stage_output, record_cache_hit
 from stages.common.config import dump_yaml
-from stages.common.tracking import TAG_KIND, StageOutput, configure, workspace, write_json_atomic
+from stages.common.contracts import OUTPUT_TYPES, StageOutput
+from stages.common.tracking import TAG_KIND, configure, write_json_atomic
+from stages.common.workspace import tracking_uri, workspace
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-OUTPUT_TYPES: dict[str, type[StageOutput]] = {
-    "curate": curate.Output, "sft": sft.Output, "rl": rl.Output, "evaluate": evaluate.Output,
-}
+TAG_REUSED = "ufo.reused."
 
 
 class StageFailed(RuntimeError):
     pass
 
 
-def stage_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # Progress bars are noise in a log stream.
-    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    env.setdefault("TQDM_DISABLE", "1")
-    return env
+def _interrupted(err: BaseException) -> bool:
+    """KeyboardInterrupt, SIGTERM (ours or Prefect's TerminationSignal): the user stopped the run."""
+    return not isinstance(err, Exception)
 
 
-@task(cache_policy=NO_CACHE, task_run_name="{name}")
-def run_stage(name: str, stage_config: dict[str, Any], parent_run_id: str, workdir: str,
-              timeout_s: float | None = None) -> dict[str, Any]:
-    """Run one stage as a subprocess; return its Output (as a dict) or raise StageFailed."""
+@task(cache_policy=NO_CACHE, task_run_name="{stage}")
+def run_stage(stage: str, stage_config: dict[str, Any], parent_run_id: str, experiment_id: str,
+              flow_config: dict[str, Any], workdir: str, use_cache: bool = True) -> dict[str, Any]:
+    """Run one stage (or take its cached result); return its Output as a dict, or raise StageFailed."""
     logger = get_run_logger()
-    wd = Path(workdir)
-    cfg_path, out_path = wd / f"{name}.config.json", wd / f"{name}.output.json"
-    write_json_atomic(cfg_path, stage_config)
-    out_path.unlink(missing_ok=True)  # a retry must never pick up an earlier attempt's output
-    cmd = [sys.executable, "-m", f"stages.{name}", "--config", str(cfg_path), "--output", str(out_path),
-           "--parent-run-id", parent_run_id]
-    logger.info("$ %s", " ".join(cmd))
-    tail: collections.deque[str] = collections.deque(maxlen=20)
-    start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=stage_env(), cwd=REPO_ROOT)
+    flow_cfg = FlowConfig.model_validate(flow_config)
+    settings = flow_cfg.stage(stage)
+    client = MlflowClient()
+    code = code_digest(stage)
+    key = cache_key(stage, stage_config, code)
+    if use_cache and settings.cache:
+        cached = find_cached(client, experiment_id, stage, key)
+        if cached is not None:
+            record = record_cache_hit(client, experiment_id, stage, parent_run_id, key, cached)
+            logger.info("%s: cache hit (key %s): reusing run %s, recorded as run %s", stage, key[:12],
+                        cached.run_id, record)
+            return cached.model_dump(mode="json")
+    launcher = make_launcher(flow_cfg, tracking_uri())
+    attempt = task_run.run_count or 1
+    run_id = create_stage_run(client, experiment_id, stage, parent_run_id, attempt=attempt, key=key, code=code,
+                              launcher=launcher.name)
+    job = StageJob(stage, stage_config, run_id, parent_run_id, Path(workdir), flow_cfg.timeout(stage),
+                   flow_cfg.stop_grace_seconds, settings.resources)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                logger.info("[%s] %s", name, line)
-            if timeout_s and time.time() - start > timeout_s:
-                proc.kill()
-                raise StageFailed(f"stage {name} ran longer than {timeout_s} s and was killed")
-        rc = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    if rc != 0:
-        last = "\n  ".join(tail)
-        raise StageFailed(f"stage {name} exited with code {rc}; last output:\n  {last}")
-    return json.loads(out_path.read_text())
-
-
-def _stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
-    return {name: getattr(cfg, name) for name in STAGES}
+        result = launcher.launch(job, logger.info)
+    except BaseException as err:
+        if _interrupted(err):
+            close_run(client, run_id, "KILLED", f"interrupted: {type(err).__name__}")
+        else:
+            close_run(client, run_id, "FAILED", f"launcher error: {type(err).__name__}: {err}")
+        raise
+    if result.ok:
+        try:
+            return read_stage_output(client, stage, run_id).model_dump(mode="json")
+        except Exception as err:
+            close_run(client, run_id, "FAILED", f"no usable output: {err}")
+            raise StageFailed(f"stage {stage}: {err}") from None
+    close_run(client, run_id, "FAILED", f"stage process {result.failure}")
+    last = "\n  ".join(result.tail)
+    raise StageFailed(f"stage {stage} {result.failure}; last output:\n  {last}")
 
 
 @flow(name="ufo-pipeline", log_prints=True)
-def ufo_pipeline(config: dict[str, Any], reuse: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run the UFO pipeline. `reuse` maps stage name -> an earlier Output to use instead of running it."""
+def ufo_pipeline(config: dict[str, Any], reuse: dict[str, dict[str, Any]] | None = None,
+                 force: bool = False) -> dict[str, Any]:
+    """Run the UFO pipeline.
+
+    Args:
+        config: a PipelineConfig as a dict (validated again here).
+        reuse: stage name -> an earlier Output to use instead of running that stage (`--from-run`).
+        force: run every stage even when the cache holds its result.
+    """
     logger = get_run_logger()
     cfg = PipelineConfig.model_validate(config)
     reuse = reuse or {}
-    configure(cfg.experiment)
+    experiment_id = configure(cfg.experiment)
+    client = MlflowClient()
     flow_run_id = str(flow_run.get_id() or "local")
     workdir = workspace() / "runs" / flow_run_id
     workdir.mkdir(parents=True, exist_ok=True)
-    outputs: dict[str, StageOutput] = {}
-    tags = {TAG_KIND: "pipeline", "prefect.flow_run_id": flow_run_id}
-    with mlflow.start_run(run_name=f"pipeline-{flow_run.get_name() or 'local'}", tags=tags) as parent:
-        pid = parent.info.run_id
-        logger.info("MLflow pipeline run %s (tracking %s)", pid, mlflow.get_tracking_uri())
-        mlflow.log_text(dump_yaml(cfg), "config/pipeline.yaml")
-        stage_cfgs = _stage_configs(cfg)
+    parent = client.create_run(experiment_id, run_name=f"pipeline-{flow_run.get_name() or 'local'}",
+                               tags={TAG_KIND: "pipeline", "prefect.flow_run_id": flow_run_id,
+                                     "ufo.launcher": cfg.flow.launcher})
+    pid = parent.info.run_id
+    logger.info("MLflow pipeline run %s (tracking %s)", pid, tracking_uri())
+    try:
+        client.log_text(pid, dump_yaml(cfg), "config/pipeline.yaml")
+        outputs: dict[str, StageOutput] = {}
         for name in STAGES:
-            stage_cfg = stage_cfgs[name]
-            upstream = {"sft": {"data": "curate"}, "rl": {"data": "curate", "sft": "sft"},
-                        "evaluate": {"data": "curate", "sft": "sft", "rl": "rl"}}.get(name, {})
-            stage_cfg = stage_cfg.model_copy(update={f: outputs[src] for f, src in upstream.items()})
+            stage_cfg = getattr(cfg, name).model_copy(update={f: outputs[src] for f, src in UPSTREAM[name].items()})
             if name in reuse:
                 out = OUTPUT_TYPES[name].model_validate(reuse[name])
                 logger.info("%s: reusing run %s", name, out.run_id)
-                mlflow.set_tag(f"ufo.reused.{name}", out.run_id)
+                client.set_tag(pid, TAG_REUSED + name, out.run_id)
             else:
-                retries = getattr(cfg.flow.retries, name)
-                raw = run_stage.with_options(retries=retries, retry_delay_seconds=cfg.flow.retry_delay_seconds)(
-                    name, stage_cfg.model_dump(mode="json"), pid, str(workdir), cfg.flow.stage_timeout_seconds)
+                settings = cfg.flow.stage(name)
+                raw = run_stage.with_options(retries=settings.retries,
+                                             retry_delay_seconds=cfg.flow.retry_delay_seconds)(
+                    name, stage_cfg.model_dump(mode="json"), pid, experiment_id, cfg.flow.model_dump(mode="json"),
+                    str(workdir), use_cache=not force)
                 out = OUTPUT_TYPES[name].model_validate(raw)
             outputs[name] = out
-            mlflow.log_dict(out.model_dump(mode="json"), f"outputs/{name}.json")
-        summary = {"pipeline_run_id": pid, "experiment": cfg.experiment, "tracking_uri": mlflow.get_tracking_uri(),
-                   "stages": {n: o.run_id for n, o in outputs.items()},
-                   "metrics": outputs["evaluate"].metrics}
+            client.log_dict(pid, out.model_dump(mode="json"), f"outputs/{name}.json")
+        metrics = outputs["evaluate"].metrics
+        now = int(time.time() * 1000)
+        client.log_batch(pid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        summary = {"pipeline_run_id": pid, "experiment": cfg.experiment, "tracking_uri": tracking_uri(),
+                   "stages": {n: o.run_id for n, o in outputs.items()}, "metrics": metrics}
         write_json_atomic(workdir / "summary.json", summary)
+    except BaseException as err:
+        status = "KILLED" if _interrupted(err) else "FAILED"
+        close_run(client, pid, status, f"{type(err).__name__}: {err}")
+        raise
+    client.set_terminated(pid, "FINISHED")
     return summary

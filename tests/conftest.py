@@ -14,7 +14,8 @@ import torch
 
 from stages.common.chat import ChatFormat, build_char_tokenizer
 from stages.common.episodes import Problem
-from stages.common.model import ModelConfig, new_scratch_model
+from stages.common.model import new_scratch_model
+from stages.common.model_spec import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from stages.common.episodes import rollout
-from stages.rl import collate, sequence_logprobs
 from stages.rl.losses import grpo_loss
+from stages.rl.stage import collate, sequence_logprobs
 
 
 def _episodes(tiny, temperature=1.0, turns=4):

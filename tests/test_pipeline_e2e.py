@@ -8,7 +8,7 @@ import math
 import mlflow
 import pytest
 
-from flows.pipeline import OUTPUT_TYPES
+from stages.common.contracts import OUTPUT_TYPES
 from stages.common.tracking import fetch_verified
 from tests.conftest import find_runs, ufo_run, workspace_tracking_uri
 
@@ -90,7 +90,7 @@ def test_rerun_from_an_earlier_run_reuses_upstream_stages(pipeline, module_works
 
 def test_a_failing_stage_fails_the_pipeline_clearly_after_its_retries(tmp_path):
     proc = ufo_run(tmp_path / "ws", "configs/smoke.yaml", "--set", "curate.sources=[{kind: gsm8k, path: /nonexistent}]",
-                   "--set", "flow.retries.curate=1", "--set", "flow.retry_delay_seconds=0")
+                   "--set", "flow.curate.retries=1", "--set", "flow.retry_delay_seconds=0")
     assert proc.returncode == 1
     assert "error: pipeline failed: stage curate exited with code 2" in proc.stderr
     assert "/nonexistent/train.jsonl not found" in proc.stderr  # the stage's own message, from its log tail

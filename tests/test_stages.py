@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from stages import curate, evaluate, rl, sft
-from stages.common.model import ModelConfig
+from stages.common.model_spec import ModelConfig
 from stages.common.tracking import fetch_verified, sha256_path, tracking_uri
 from tests.conftest import REPO, SHARED_DATA
 

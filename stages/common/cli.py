@@ -1,47 +1,123 @@
-"""The command line every stage shares: `python -m stages.<name> --config FILE [--set k=v] [--output F]`.
+"""The command line every stage shares:
 
-This is the command the flow runs as a subprocess and the entrypoint each stage's container will run.
-Exit codes: 0 done, 2 bad config, 3 an input artifact failed its digest check, 1 anything else.
+    python -m stages.<name> (--config FILE | --config-json JSON) [--set k=v] [--run-id ID]
+                            [--parent-run-id ID] [--output FILE]
+
+The same command runs locally, as the flow's subprocess and as the entrypoint of the stage's
+container (`docker run ufo-<name> --help` prints this with the stage's config fields).
+Exit codes: 0 done, 2 bad config, 3 an input artifact failed its digest check, 130/143 stopped by
+SIGINT/SIGTERM (the run ends KILLED), 1 anything else (the run ends FAILED).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
+import signal
 import sys
+import textwrap
+import typing
 from collections.abc import Callable
 from typing import Any
 
-from stages.common.config import ConfigError, load_config
-from stages.common.tracking import DigestMismatchError, StageOutput, write_json_atomic
+from pydantic import BaseModel
+
+from stages.common.config import ConfigError, apply_overrides, load_config, validate
+from stages.common.runtime import Terminated, prepare_process, raise_on_signals
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIGEST = 0, 1, 2, 3
 
 
-def stage_main(name: str, config_cls: type, run: Callable[..., StageOutput], argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage.")
-    parser.add_argument("--config", required=True, help="YAML/JSON file holding this stage's config")
+def describe_config(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """One entry per config field (nested models flattened to dotted paths): type, default, doc."""
+    lines = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = field.annotation
+        nested = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if nested is None:  # Optional[Model] -> Model
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+                nested = args[0]
+        type_name = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+        type_name = re.sub(r"Annotated\[(.*), FieldInfo\(.*?\)\]", r"\1", type_name)
+        type_name = re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", type_name)  # stages.curate.config.X -> X
+        default = ""
+        if not field.is_required() and nested is None:
+            value = field.get_default(call_default_factory=True)
+            default = f" = {json.dumps(_jsonable(value))}"
+        doc = " ".join((field.description or "").split())
+        lines.append(f"  {path}: {type_name}{default}")
+        if doc:
+            lines.extend(textwrap.wrap(doc, width=96, initial_indent="      ", subsequent_indent="      "))
+        if nested is not None and not any(n in ("run_id", "artifacts") for n in nested.model_fields):
+            lines.extend(describe_config(nested, path + "."))
+    return lines
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def stage_main(name: str, config_cls: type, run: Callable[..., Any], argv: list[str] | None = None) -> int:
+    prepare_process()
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}", description=f"Run the {name} stage.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (YAML/JSON keys; nested ones as dotted paths for --set):\n"
+               + "\n".join(describe_config(config_cls))
+               + "\n\nexit codes: 0 done, 2 bad config, 3 an input artifact failed its digest check, "
+                 "130/143 stopped by a signal, 1 anything else")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="YAML/JSON file holding this stage's config")
+    src.add_argument("--config-json", help="the stage's config as a JSON string (what containers are given)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set seed=3 (repeatable)")
-    parser.add_argument("--output", help="write the stage's Output (run id, artifact URIs, digests) here as JSON")
+    parser.add_argument("--output", help="also write the stage's Output (run id, artifact URIs, digests) here")
     parser.add_argument("--parent-run-id", help="MLflow run id of the pipeline run this stage belongs to")
+    parser.add_argument("--run-id", help="an existing RUNNING MLflow run to log into (the flow creates one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout, force=True)
     try:
-        config = load_config(config_cls, args.config, args.overrides)
+        if args.config:
+            config = load_config(config_cls, args.config, args.overrides)
+        else:
+            try:
+                data = json.loads(args.config_json)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"--config-json: not JSON ({err})") from None
+            if not isinstance(data, dict):
+                raise ConfigError("--config-json: must be a JSON object")
+            config = validate(config_cls, apply_overrides(data, args.overrides), "--config-json")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    raise_on_signals(signal.SIGTERM, signal.SIGINT)
     try:
-        output = run(config, parent_run_id=args.parent_run_id)
-    except DigestMismatchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        output = run(config, parent_run_id=args.parent_run_id, run_id=args.run_id)
+    except Terminated as err:
+        print(f"{name}: stopped, {err}", file=sys.stderr)
+        return 128 + err.signum
     except ConfigError as err:  # runtime checks that depend on data (a prompt too long, say)
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    payload: dict[str, Any] = output.model_dump(mode="json")
-    if args.output:
-        write_json_atomic(args.output, payload)
-    print(f"{name}: done, MLflow run {output.run_id}")
-    return 0
+        return EXIT_CONFIG
+    except Exception as err:
+        from stages.common.tracking import DigestMismatchError  # MLflow: only once a run started
 
+        if isinstance(err, DigestMismatchError):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_DIGEST
+        raise
+    if args.output:
+        from stages.common.tracking import write_json_atomic
+
+        write_json_atomic(args.output, output.model_dump(mode="json"))
+    print(f"{name}: done, MLflow run {output.run_id}")
+    return EXIT_OK

@@ -11,14 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from stages.common.chat import ChatFormat
+from stages.common.contracts import Problem
 from stages.common.grading import count_distinct, grade
-
-
-@dataclass(frozen=True)
-class Problem:
-    id: str
-    question: str
-    answer: str
 
 
 @dataclass

@@ -8,75 +8,38 @@ if the bytes are not the ones the producer logged.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel, Field
 
-from stages.common.config import StrictModel, dump_yaml
-
-#: Workspace holding the local SQLite tracking DB, the artifact folder and Prefect's home.
-WORKSPACE_ENV = "UFO_HOME"
-DEFAULT_WORKSPACE = ".ufo"
+from stages.common.config import StageConfig, dump_yaml
+from stages.common.contracts import ArtifactRef, StageOutput
+from stages.common.runtime import Terminated
+from stages.common.workspace import artifact_root, tracking_uri
 
 # Tags that make runs findable: the pipeline run, and each stage's child run.
 TAG_KIND = "ufo.kind"
 TAG_STAGE = "ufo.stage"
 TAG_PARENT = "mlflow.parentRunId"
+#: Why a run ended FAILED or KILLED (set by the stage itself, or by the flow when the stage died).
+TAG_FAILURE = "ufo.failure"
+#: Where a stage run keeps its own Output.
+OUTPUT_ARTIFACT = "ufo/output.json"
+
+Out = TypeVar("Out", bound=StageOutput)
 
 
 class DigestMismatchError(RuntimeError):
     """An artifact's bytes do not match the digest its producer recorded."""
-
-
-class ArtifactRef(StrictModel):
-    """A logged artifact (file or folder) addressed by URI and content digest."""
-
-    uri: str
-    """`runs:/<run_id>/<artifact_path>`."""
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    """sha256 of the file, or of the sorted (relative path, file sha256) list of a folder."""
-
-
-class StageOutput(StrictModel):
-    """What a stage hands to the next one: small, typed, JSON-serialisable. Never tensors."""
-
-    stage: str
-    run_id: str
-    artifacts: dict[str, ArtifactRef] = {}
-    metrics: dict[str, float] = {}
-
-    def artifact(self, name: str) -> ArtifactRef:
-        if name not in self.artifacts:
-            raise KeyError(f"{self.stage} output (run {self.run_id}) has no artifact {name!r}; "
-                           f"it has {sorted(self.artifacts)}")
-        return self.artifacts[name]
-
-
-def workspace() -> Path:
-    return Path(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE)).resolve()
-
-
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else a SQLite DB in the workspace (the file store is deprecated)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    ws = workspace()
-    ws.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{ws / 'mlflow.db'}"
-
-
-def artifact_root() -> str:
-    return (workspace() / "mlartifacts").as_uri()
 
 
 def configure(experiment: str) -> str:
@@ -153,20 +116,60 @@ def fetch_verified(ref: ArtifactRef, dst: str | Path | None = None) -> Path:
     return local
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, config: BaseModel, experiment: str,
-              parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Open the stage's MLflow run (a child of the pipeline run when given), log its resolved config.
+@dataclass
+class StageContext:
+    """What a stage's body gets besides its config."""
 
-    The run ends FINISHED only if the body returns; an exception marks it FAILED, so a later stage or
-    a rerun never mistakes a half-done stage for a finished one.
+    run_id: str
+    """The stage's MLflow run (active while the body runs)."""
+    workdir: Path
+    """A scratch folder, removed when the stage ends: downloads and files to log go here."""
+
+
+def run_stage(stage: str, config: StageConfig, body: Callable[[Any, StageContext], Out], *,
+              parent_run_id: str | None = None, run_id: str | None = None) -> Out:
+    """Run `body(config, ctx)` inside the stage's MLflow run and return its Output.
+
+    The run is `run_id` when given (the flow creates each stage's run before launching it, so it can
+    close the run itself if the process dies), else a new run, child of `parent_run_id` when given.
+    The resolved config is logged, then the body runs; its Output is logged as `ufo/output.json`
+    (how the flow, the stage cache and `--from-run` read it back) and the run ends FINISHED. It ends
+    FAILED on an exception and KILLED on an interrupt, with the reason in the tag `ufo.failure`, so a
+    later stage or a rerun never mistakes a half-done stage for a finished one.
     """
-    configure(experiment)
-    tags = {TAG_STAGE: stage}
-    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, tags=tags) as run:
+    configure(config.experiment)
+    if run_id:
+        active = mlflow.start_run(run_id=run_id)
+    else:
+        active = mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, tags={TAG_STAGE: stage})
+    try:
         mlflow.log_text(dump_yaml(config), "config/resolved.yaml")
         mlflow.log_params(_flat_params(config.model_dump(mode="json")))
-        yield run
+        with tempfile.TemporaryDirectory(prefix=f"ufo-{stage}-") as tmp:
+            output = body(config, StageContext(active.info.run_id, Path(tmp)))
+        mlflow.log_dict(output.model_dump(mode="json"), OUTPUT_ARTIFACT)
+    except (KeyboardInterrupt, Terminated) as err:
+        _end(active.info.run_id, "KILLED", f"interrupted ({type(err).__name__})")
+        raise
+    except BaseException as err:
+        _end(active.info.run_id, "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    mlflow.end_run("FINISHED")
+    return output
+
+
+def _end(run_id: str, status: str, reason: str) -> None:
+    """End the active run with `status`, recording why; never raises (it runs while handling an error)."""
+    try:
+        mlflow.set_tag(TAG_FAILURE, reason[:4000])
+        mlflow.end_run(status)
+    except Exception as err:  # the tracking server may be what failed
+        logging.getLogger("ufo.tracking").warning("could not mark run %s %s: %s", run_id, status, err)
+
+
+def read_output(run_id: str, output_type: type[Out]) -> Out:
+    """The Output a finished stage run logged (`ufo/output.json`)."""
+    return output_type.model_validate(mlflow.artifacts.load_dict(f"runs:/{run_id}/{OUTPUT_ARTIFACT}"))
 
 
 def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

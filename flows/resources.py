@@ -1,0 +1,118 @@
+"""What a stage asks of the machine it runs on, typed, and compiled for each engine.
+
+Users write `flow.<stage>.resources` (CPUs, memory, shared memory, GPUs, node selector, tolerations)
+once; `docker_run_kwargs` turns it into Docker SDK arguments (the `docker` launcher),
+`docker_job_variables` into a Prefect Docker work pool's job variables and `kubernetes_job_variables`
+into the variables of `infra/work-pools/kubernetes.json` (the `deployment` launcher). Nobody writes
+job variables by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from stages.common.config import StrictModel
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|K|M|G|T)?$")
+_FACTORS = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """Bytes in a Kubernetes memory quantity: `512Mi` -> 536870912, `1G` -> 10**9, `1024` -> 1024."""
+    m = _QUANTITY.fullmatch(quantity.strip())
+    if not m:
+        raise ValueError(f"{quantity!r} is not a memory quantity such as 512Mi, 8Gi or 2G")
+    return math.ceil(float(m.group(1)) * _FACTORS[m.group(2)])
+
+
+class Toleration(StrictModel):
+    """A Kubernetes toleration: lets the stage's pod run on nodes tainted for it (e.g. GPU nodes)."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class Resources(StrictModel):
+    """Resources of one stage. Unset fields leave the engine's default (no limit)."""
+
+    cpus: float | None = Field(None, gt=0)
+    """CPU cores: Docker's `--cpus` (a CFS quota) and the Kubernetes cpu request and limit. Stages size
+    their torch thread pool to it (see stages/common/runtime.py)."""
+    memory: str | None = None
+    """Memory limit as a Kubernetes quantity (`512Mi`, `8Gi`). A container over it is OOM-killed and
+    the stage fails saying so."""
+    shm_size: str | None = None
+    """Size of /dev/shm (`2Gi`). Docker's default is 64 MB, too small for NCCL and DataLoader workers;
+    on Kubernetes it becomes a memory-backed emptyDir mounted at /dev/shm."""
+    gpus: int = Field(0, ge=0)
+    """NVIDIA GPUs: Docker `device_requests`, Kubernetes `nvidia.com/gpu` limit."""
+    node_selector: dict[str, str] = {}
+    """Kubernetes node labels the pod must match, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}."""
+    tolerations: list[Toleration] = []
+    """Kubernetes taints the pod tolerates, e.g. [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]."""
+
+    @field_validator("memory", "shm_size")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        if v is not None:
+            quantity_bytes(v)  # raises with the accepted forms
+        return v
+
+
+def docker_run_kwargs(r: Resources) -> dict[str, Any]:
+    """Keyword arguments for docker-py's `containers.run/create`."""
+    kw: dict[str, Any] = {}
+    if r.cpus is not None:
+        kw["nano_cpus"] = int(r.cpus * 1e9)
+    if r.memory is not None:
+        kw["mem_limit"] = quantity_bytes(r.memory)
+        kw["memswap_limit"] = quantity_bytes(r.memory)  # no swap: over the limit means OOM, not thrashing
+    if r.shm_size is not None:
+        kw["shm_size"] = quantity_bytes(r.shm_size)
+    if r.gpus:
+        kw["device_requests"] = [{"driver": "nvidia", "count": r.gpus, "capabilities": [["gpu"]]}]
+    return kw
+
+
+def docker_job_variables(r: Resources) -> dict[str, Any]:
+    """Job variables for a Prefect Docker work pool (prefect-docker's DockerWorkerJobConfiguration).
+
+    Memory goes to its own `mem_limit`/`memswap_limit` fields; everything else travels in
+    `container_create_kwargs`, which the worker hands to docker-py unchanged.
+    """
+    kw = docker_run_kwargs(r)
+    out: dict[str, Any] = {}
+    if "mem_limit" in kw:
+        out["mem_limit"] = str(kw.pop("mem_limit"))
+        out["memswap_limit"] = str(kw.pop("memswap_limit"))
+    if kw:
+        out["container_create_kwargs"] = kw
+    return out
+
+
+def kubernetes_job_variables(r: Resources) -> dict[str, Any]:
+    """Values for the variables of `infra/work-pools/kubernetes.json` (see its `variables` section)."""
+    limits: dict[str, str] = {}
+    if r.cpus is not None:
+        limits["cpu"] = f"{r.cpus:g}"
+    if r.memory is not None:
+        limits["memory"] = r.memory
+    if r.gpus:
+        limits["nvidia.com/gpu"] = str(r.gpus)
+    out: dict[str, Any] = {"resource_limits": limits,
+                           # requests = limits: the scheduler places the pod where it really fits
+                           "resource_requests": {k: v for k, v in limits.items() if k != "nvidia.com/gpu"}}
+    if r.shm_size is not None:
+        out["shm_size"] = r.shm_size
+    if r.node_selector:
+        out["node_selector"] = dict(r.node_selector)
+    if r.tolerations:
+        out["tolerations"] = [t.model_dump(exclude_none=True) for t in r.tolerations]
+    return out

@@ -1,0 +1,122 @@
+"""The servers a run talks to: preflight checks before anything starts, and the local Prefect server.
+
+Without `PREFECT_API_URL`, `ufo run` starts its own Prefect API server (SQLite in the workspace) in a
+session of its own, so that a Ctrl-C reaches `ufo` first and the server can record the runs' final
+states before `ufo` stops it, last. It dies with `ufo` if `ufo` is killed outright.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from flows.processes import spawn, stop_group
+from stages.common.config import ConfigError
+
+PREFLIGHT_TIMEOUT_SECONDS = 5.0
+SERVER_START_TIMEOUT_SECONDS = 180.0  # a first start migrates a new database: ~13 s, more on a busy machine
+
+
+class PreflightError(ConfigError):
+    """A server the run needs does not answer; raised before anything is created (exit 2)."""
+
+
+def check_http(url: str, what: str, timeout: float = PREFLIGHT_TIMEOUT_SECONDS) -> None:
+    """GET `url`; a PreflightError naming `what` and the URL unless it answers 2xx within `timeout`."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 -- http(s) URLs of the user's own servers
+            if resp.status >= 300:
+                raise PreflightError(f"{what} {url} answered HTTP {resp.status}")
+    except urllib.error.HTTPError as err:
+        raise PreflightError(f"{what} {url} answered HTTP {err.code}") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        reason = getattr(err, "reason", err)
+        raise PreflightError(f"{what} {url} is unreachable ({reason}); is the server running?") from None
+
+
+def check_tracking(uri: str) -> None:
+    """The MLflow tracking server answers, or a one-line PreflightError (local stores need no check)."""
+    if uri.startswith(("http://", "https://")):
+        check_http(uri.rstrip("/") + "/health", "MLFLOW_TRACKING_URI")
+
+
+def check_prefect_api(url: str) -> None:
+    check_http(url.rstrip("/") + "/health", "PREFECT_API_URL")
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prefect_executable() -> str:
+    local = Path(sys.executable).with_name("prefect")
+    return str(local) if local.exists() else (shutil.which("prefect") or "prefect")
+
+
+@contextlib.contextmanager
+def prefect_api(home: Path) -> Iterator[str]:
+    """Yield a Prefect API URL: `PREFECT_API_URL` when set (checked), else a server started here.
+
+    Two `ufo run`s in one fresh workspace would both migrate the new database at once; a file lock
+    makes the second wait until the first server is up, then start its own on the migrated database.
+    """
+    if url := os.environ.get("PREFECT_API_URL"):
+        check_prefect_api(url)
+        yield url
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_LOGGING_LEVEL": "WARNING", "DO_NOT_TRACK": "1"}
+    proc = None
+    log_path = home / "server.log"
+    try:
+        with file_lock(home / ".server-start.lock"), open(log_path, "a") as log:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/api"
+            proc = spawn([prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                          "--no-services", "--no-ui"], env=env, output=log)
+            _await_server(proc, url, log_path)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        if proc is not None:
+            stop_group(proc, grace_seconds=5.0)
+
+
+def _await_server(proc, url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the Prefect server exited with code {proc.returncode} while starting; "
+                               f"its log ({log_path}) ends:\n{tail}")
+        try:
+            check_http(url + "/health", "Prefect server", timeout=1.0)
+            return
+        except PreflightError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the Prefect server did not answer within {SERVER_START_TIMEOUT_SECONDS:g} s "
+                       f"(log: {log_path})")

@@ -1,0 +1,110 @@
+"""The contracts between stages: what each stage hands to the next, and the curated data schema.
+
+Stages are siblings: none imports another. Everything that crosses a stage boundary lives here (the
+`Output` of each stage, the curated split schema and its reader, the `Problem` a split row becomes,
+the default feedback text), so each stage's container carries only its own code plus `stages/common`.
+This module imports no torch and no MLflow: the CLI validates configs with it in well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from stages.common.config import ConfigError, StrictModel
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: The unary feedback of the paper's title; every stage's `feedback` field defaults to it.
+DEFAULT_FEEDBACK = "Let's try again."
+
+#: Curated splits, in the order the curate stage writes them.
+SPLITS = ("train", "val", "test")
+#: Columns every curated split has (curate may add optional ones, e.g. `solution`, `level`).
+COLUMNS = ["id", "question", "answer", "source"]
+
+
+class ArtifactRef(StrictModel):
+    """A logged artifact (file or folder) addressed by URI and content digest."""
+
+    uri: str
+    """`runs:/<run_id>/<artifact_path>` (or any URI MLflow can download)."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """sha256 of the file, or of the sorted (relative path, file sha256) list of a folder."""
+
+
+class StageOutput(StrictModel):
+    """What a stage hands to the next one: small, typed, JSON-serialisable. Never tensors."""
+
+    stage: str
+    run_id: str
+    """The MLflow run that produced the artifacts."""
+    artifacts: dict[str, ArtifactRef] = {}
+    metrics: dict[str, float] = {}
+
+    def artifact(self, name: str) -> ArtifactRef:
+        if name not in self.artifacts:
+            raise KeyError(f"{self.stage} output (run {self.run_id}) has no artifact {name!r}; "
+                           f"it has {sorted(self.artifacts)}")
+        return self.artifacts[name]
+
+    def digests(self) -> dict[str, str]:
+        """Artifact name -> sha256: what a downstream stage's result depends on (not the run id)."""
+        return {name: ref.sha256 for name, ref in sorted(self.artifacts.items())}
+
+
+class CurateOutput(StageOutput):
+    """Artifacts: one parquet per split in `SPLITS` (and any eval set), `quarantine`, `manifest`."""
+
+    stage: str = "curate"
+
+
+class SFTOutput(StageOutput):
+    """Artifacts: `model` (a `save_pretrained` folder: safetensors, tokenizer, chat template)."""
+
+    stage: str = "sft"
+
+
+class RLOutput(StageOutput):
+    """Artifacts: `model` (a `save_pretrained` folder)."""
+
+    stage: str = "rl"
+
+
+class EvaluateOutput(StageOutput):
+    """Artifacts: `curves` (PNG), `examples` (parquet), `report` (JSON); metrics `eval/<model>/<name>`."""
+
+    stage: str = "evaluate"
+
+
+OUTPUT_TYPES: dict[str, type[StageOutput]] = {
+    "curate": CurateOutput, "sft": SFTOutput, "rl": RLOutput, "evaluate": EvaluateOutput,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One (question, final answer) row of a curated split."""
+
+    id: str
+    question: str
+    answer: str
+
+
+def load_split(path: str | Path) -> pd.DataFrame:
+    """Read a curated split, checking it has the schema curate writes."""
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    missing = set(COLUMNS) - set(df.columns)
+    if missing:
+        raise ConfigError(f"{path}: not a curated split, missing columns {sorted(missing)}")
+    return df
+
+
+def problems_from(df: pd.DataFrame) -> list[Problem]:
+    return [Problem(r.id, r.question, r.answer) for r in df.itertuples()]

@@ -1,0 +1,84 @@
+"""Process runtime shared by every stage: how a stage process stops on a signal, and how many CPU
+threads it uses.
+
+Imports nothing heavy: `prepare_process()` must run before torch is imported, because the OpenMP
+wait policy is read once, when torch's OpenMP runtime starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (or SIGINT) to stop.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it; the stage's
+    run then ends KILLED (see `tracking.run_stage`) instead of the process vanishing mid-write.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def raise_on_signals(*signums: int) -> None:
+    """Turn the given signals into `Terminated` in the main thread (only the main thread may call this)."""
+
+    def handler(signum, _frame):
+        # Raise once: a second signal during the cleanup must not interrupt the cleanup itself.
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for s in signums:
+        signal.signal(s, handler)
+
+
+def cpu_budget() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota (what
+    `docker run --cpus` and Kubernetes CPU limits set, invisible to `os.cpu_count()`)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    v2 = Path("/sys/fs/cgroup/cpu.max")
+    try:
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        q = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        if q.is_file():
+            quota_us = int(q.read_text())
+            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def prepare_process() -> None:
+    """Call first thing in a stage process, before torch is imported.
+
+    OpenMP threads that finish early spin-wait for the others by default (OMP_WAIT_POLICY=ACTIVE in
+    practice). On a machine shared with other CPU-bound processes a spinning thread burns the core a
+    descheduled sibling needs, and a step slows down 10-30x instead of ~2x (measured on 2 cores;
+    see benchmarks/cpu_contention.py). PASSIVE makes waiting threads sleep.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def set_cpu_threads() -> int:
+    """Size torch's intra-op pool to the CPUs this process may use (`UFO_THREADS` overrides)."""
+    import torch
+
+    n = int(os.environ.get("UFO_THREADS") or cpu_budget())
+    torch.set_num_threads(n)
+    return n
