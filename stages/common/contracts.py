@@ -57,10 +57,23 @@ class StageOutput(StrictModel):
         return {name: ref.sha256 for name, ref in sorted(self.artifacts.items())}
 
 
+#: Artifact-name prefix of the evaluation sets curate keeps whole (sources with role `eval`).
+EVAL_SET_PREFIX = "eval/"
+
+
 class CurateOutput(StageOutput):
-    """Artifacts: one parquet per split in `SPLITS` (and any eval set), `quarantine`, `manifest`."""
+    """Artifacts: `train`, `val` (and `test` when a source holds one out) parquet splits, one parquet
+    per evaluation set named `eval/<set name>`, `quarantine` and `manifest`."""
 
     stage: str = "curate"
+
+    def eval_sets(self) -> dict[str, ArtifactRef]:
+        """Every set a model is evaluated on: the held-out `test` split (when there is one) and each
+        `eval/<name>` set, by name."""
+        sets = {"test": self.artifacts["test"]} if "test" in self.artifacts else {}
+        sets |= {name.removeprefix(EVAL_SET_PREFIX): ref for name, ref in sorted(self.artifacts.items())
+                 if name.startswith(EVAL_SET_PREFIX)}
+        return sets
 
 
 class SFTOutput(StageOutput):
