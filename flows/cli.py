@@ -7,7 +7,8 @@ Bad input never gets far: configs, files and arguments are checked before anythi
 imported (an error comes back in about a second, exit 2, naming the field, file or line), and the
 servers a run needs are checked before anything is created (exit 2 in seconds, naming the URI).
 Ctrl-C or SIGTERM stops the running stage, closes every open MLflow run as KILLED, lets Prefect mark
-its runs Crashed, stops the local Prefect server last and exits 130 (SIGINT) or 143 (SIGTERM).
+its runs Crashed, stops the local Prefect server last and exits 130 (SIGINT) or 143 (SIGTERM); a
+second Ctrl-C changes nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 
 from flows.config import STAGES, UPSTREAM, PipelineConfig
 from stages.common.config import ConfigError, apply_overrides, dump_yaml, read_yaml, validate
-from stages.common.runtime import Terminated, raise_on_signals
+from stages.common.runtime import Terminated, check_stop, request_stop_on_signals, stop_requested
 from stages.common.workspace import tracking_uri, workspace
 
 
@@ -99,6 +102,38 @@ def _reuse_from(run_id: str, only: list[str], cfg: PipelineConfig) -> dict[str, 
     return reuse
 
 
+def _in_worker_thread(work, give_up_seconds: float):
+    """Run `work()` in a thread and return its result or exception, keeping the main thread free.
+
+    Signals are delivered to the main thread only. Running the flow elsewhere means neither our
+    handlers nor Prefect's (which it installs only in the main thread) ever raise inside the flow's
+    library calls; the flow stops where it checks `check_stop()`. Should it not stop within
+    `give_up_seconds` of the request (stuck on an unreachable server, say), the main thread stops
+    every child process itself and gives up on the thread.
+    """
+    box: list = []
+
+    def target():
+        try:
+            box.append(work())
+        except BaseException as err:  # noqa: BLE001 -- handed to the main thread as is
+            box.append(err)
+
+    thread = threading.Thread(target=target, name="ufo-flow", daemon=True)
+    thread.start()
+    stop_seen = None
+    while thread.is_alive():
+        thread.join(0.2)
+        if stop_requested() is not None:
+            stop_seen = stop_seen or time.monotonic()
+            if time.monotonic() - stop_seen > give_up_seconds:
+                from flows.processes import stop_all
+
+                stop_all(grace_seconds=1.0)
+                return Terminated(stop_requested())
+    return box[0]
+
+
 def cmd_validate(args) -> int:
     cfg = _load(args)
     print(dump_yaml(cfg), end="")
@@ -114,7 +149,7 @@ def cmd_run(args) -> int:
     if only:
         first = min(STAGES.index(s) for s in only)
         only = list(STAGES[first:])  # a rerun stage invalidates everything downstream of it
-    raise_on_signals(signal.SIGINT, signal.SIGTERM)
+    request_stop_on_signals(signal.SIGINT, signal.SIGTERM)
     from flows.server import check_tracking, prefect_api  # stdlib only
 
     uri = tracking_uri()
@@ -123,15 +158,21 @@ def cmd_run(args) -> int:
         raise ConfigError(f"flow.launcher: {cfg.flow.launcher} needs an MLflow tracking server that serves "
                           f"artifacts (MLFLOW_TRACKING_URI=http://...; `ufo stack up` starts one), not {uri}")
     reuse = _reuse_from(args.from_run, only, cfg) if args.from_run else {}
+    check_stop()
     _prepare_environment()
     with prefect_api(workspace() / "prefect"):
         from flows.pipeline import ufo_pipeline  # imports prefect: after PREFECT_API_URL is set
 
-        try:
-            summary = ufo_pipeline(cfg.model_dump(mode="json"), reuse=reuse, force=args.force)
-        except Exception as err:  # a stage failed: its run is FAILED, nothing downstream ran
-            print(f"error: pipeline failed: {err}", file=sys.stderr)
+        outcome = _in_worker_thread(lambda: ufo_pipeline(cfg.model_dump(mode="json"), reuse=reuse,
+                                                         force=args.force),
+                                    give_up_seconds=cfg.flow.stop_grace_seconds + 15)
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, Exception):
+                raise outcome  # Terminated: main() reports it
+            # a stage failed: its run is FAILED, nothing downstream ran
+            print(f"error: pipeline failed: {outcome}", file=sys.stderr)
             return 1
+        summary = outcome
     print(json.dumps(summary, indent=2))
     m = summary["metrics"]
     T = cfg.evaluate.max_turns
@@ -180,16 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as err:
         print(f"ufo: stopped ({err}); every run it opened was closed as KILLED", file=sys.stderr)
         return 128 + err.signum
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the handlers are installed
         print("ufo: interrupted", file=sys.stderr)
         return 130
-    except BaseException as err:
-        # Prefect turns SIGTERM into its own TerminationSignal while a flow runs.
-        if type(err).__name__ == "TerminationSignal":
-            print("ufo: stopped (received SIGTERM); every run it opened was closed as KILLED", file=sys.stderr)
-            return 128 + signal.SIGTERM
-        raise
+
+
+def entrypoint() -> None:
+    """The `ufo` console script: `main()`, then exit without the interpreter's slow teardown (the
+    runs are closed, the Prefect clients drained and the server stopped by then)."""
+    from stages.common.cli import exit_now
+
+    exit_now(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entrypoint()

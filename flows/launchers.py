@@ -28,6 +28,7 @@ from flows.config import FlowConfig
 from flows.processes import spawn, watch
 from flows.resources import Resources, docker_job_variables, docker_run_kwargs, kubernetes_job_variables
 from stages.common.config import ConfigError
+from stages.common.runtime import check_stop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABEL_STAGE = "ai.ufo.stage"
@@ -210,6 +211,7 @@ class DockerLauncher:
                         tail(line)
                 except queue.Empty:
                     pass
+                check_stop()
                 container.reload()
                 if container.status in ("exited", "dead"):
                     break
@@ -298,7 +300,9 @@ class DeploymentLauncher:
             deadline = None if job.timeout_seconds is None else time.monotonic() + job.timeout_seconds
             try:
                 while True:
-                    time.sleep(1.0)
+                    for _ in range(5):
+                        time.sleep(0.2)
+                        check_stop()
                     flow_run = client.read_flow_run(flow_run.id)
                     if flow_run.state and flow_run.state.is_final():
                         break

@@ -26,6 +26,7 @@ from flows.launchers import StageJob, make_launcher
 from flows.runs import close_run, create_stage_run, find_cached, read_stage_output, record_cache_hit
 from stages.common.config import dump_yaml
 from stages.common.contracts import OUTPUT_TYPES, StageOutput
+from stages.common.runtime import check_stop
 from stages.common.tracking import TAG_KIND, configure, write_json_atomic
 from stages.common.workspace import tracking_uri, workspace
 
@@ -45,6 +46,7 @@ def _interrupted(err: BaseException) -> bool:
 def run_stage(stage: str, stage_config: dict[str, Any], parent_run_id: str, experiment_id: str,
               flow_config: dict[str, Any], workdir: str, use_cache: bool = True) -> dict[str, Any]:
     """Run one stage (or take its cached result); return its Output as a dict, or raise StageFailed."""
+    check_stop()
     logger = get_run_logger()
     flow_cfg = FlowConfig.model_validate(flow_config)
     settings = flow_cfg.stage(stage)

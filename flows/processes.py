@@ -16,11 +16,15 @@ import signal
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from stages.common.runtime import check_stop
+
 _PR_SET_PDEATHSIG = 1
+_children: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -37,10 +41,18 @@ def spawn(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None 
     PR_SET_PDEATHSIG fires when the *thread* that forked the child exits: callers spawn from the
     thread that also waits for the child (the flow's main thread), never from a short-lived thread.
     """
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, env=env, cwd=cwd, text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent,
         stdout=output if output is not None else subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+    _children.add(proc)
+    return proc
+
+
+def stop_all(grace_seconds: float) -> None:
+    """Stop every child `spawn` started that is still alive (the last resort of a stopping `ufo`)."""
+    for proc in list(_children):
+        stop_group(proc, grace_seconds)
 
 
 def stop_group(proc: subprocess.Popen, grace_seconds: float) -> int:
@@ -111,6 +123,7 @@ def watch(proc: subprocess.Popen, on_line: Callable[[str], None], *, timeout_sec
                 if eof or time.monotonic() - exited_at > 2.0:
                     _drain(lines, on_line)
                     return Outcome(proc.returncode)
+            check_stop()
             if deadline is not None and time.monotonic() > deadline:
                 stop_group(proc, grace_seconds)
                 _drain(lines, on_line)

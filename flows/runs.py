@@ -33,20 +33,21 @@ def create_stage_run(client: MlflowClient, experiment_id: str, stage: str, paren
 
 
 def close_run(client: MlflowClient, run_id: str, status: str, reason: str) -> None:
-    """End `run_id` with `status` (FAILED or KILLED) and the reason, unless the stage already ended it.
+    """End `run_id` with `status` (FAILED or KILLED) and `reason`, unless it finished.
 
-    A run the stage ended FAILED keeps its own reason; an interrupt still turns it KILLED (the stage
-    may have seen only the SIGTERM the flow sent). Never raises: it runs while handling a failure.
+    The flow's verdict wins: only it knows that the SIGTERM a stage saw was a timeout (FAILED) and
+    not a user's Ctrl-C (KILLED). What the stage recorded itself is kept after the flow's reason.
+    Never raises: it runs while handling a failure.
     """
     try:
         run = client.get_run(run_id)
-        current = run.info.status
-        if current == "FINISHED":
+        if run.info.status == "FINISHED":
             return
-        if current == "RUNNING" or (status == "KILLED" and current != "KILLED"):
+        if run.info.status != status:
             client.set_terminated(run_id, status)
-        if TAG_FAILURE not in run.data.tags or status == "KILLED":
-            client.set_tag(run_id, TAG_FAILURE, reason[:4000])
+        own = run.data.tags.get(TAG_FAILURE)
+        client.set_tag(run_id, TAG_FAILURE, (reason if not own or own == reason else
+                                             f"{reason}; the stage recorded: {own}")[:4000])
     except Exception as err:
         log.warning("could not close MLflow run %s as %s: %s", run_id, status, err)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flows.processes import spawn, stop_group
 from stages.common.config import ConfigError
+from stages.common.runtime import check_stop
 
 PREFLIGHT_TIMEOUT_SECONDS = 5.0
 SERVER_START_TIMEOUT_SECONDS = 180.0  # a first start migrates a new database: ~13 s, more on a busy machine
@@ -96,19 +97,34 @@ def prefect_api(home: Path) -> Iterator[str]:
             port = free_port()
             url = f"http://127.0.0.1:{port}/api"
             proc = spawn([prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                          "--no-services", "--no-ui"], env=env, output=log)
+                          "--no-scheduler", "--no-late-runs", "--no-ui"], env=env, output=log)
             _await_server(proc, url, log_path)
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
         if proc is not None:
+            drain_prefect_clients()
             stop_group(proc, grace_seconds=5.0)
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def drain_prefect_clients(timeout: float = 5.0) -> None:
+    """Send the logs and events this process still holds to the server before it stops; otherwise
+    Prefect's exit handlers retry against a stopped server (and the last task states are lost)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):  # never let a flush failure hide the run's own outcome
+            worker.drain_all(timeout=timeout)
 
 
 def _await_server(proc, url: str, log_path: Path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
+        check_stop()
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the Prefect server exited with code {proc.returncode} while starting; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -73,3 +74,63 @@ def tiny() -> tuple[torch.nn.Module, ChatFormat, list[Problem]]:
     torch.manual_seed(0)
     model = new_scratch_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tokenizer)
     return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems
+
+
+MICRO = "tests/configs/micro.yaml"
+
+
+def ufo_env(workspace: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "UFO_HOME": str(workspace), **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def start_ufo(workspace: Path, *args: str, log: Path, **env: str) -> subprocess.Popen:
+    """`ufo ARGS` in its own session (a terminal's process group: the test may signal all of it),
+    stdout+stderr to `log`."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    out = open(log, "w")  # noqa: SIM115 -- owned by the process, closed by the OS when it exits
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=ufo_env(workspace, **env),
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Block until `text` appears in `log`; fail (showing the log) if `proc` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"ufo exited ({proc.returncode}) before printing {text!r}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"{text!r} not printed within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def processes_of(workspace: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process started for `workspace` (they all inherit UFO_HOME)."""
+    marker = f"UFO_HOME={workspace}".encode()
+    found = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            if marker in (proc_dir / "environ").read_bytes().split(b"\0"):
+                state = (proc_dir / "stat").read_text().split(") ")[-1][:1]
+                if state != "Z":  # a zombie is dead, only not yet reaped by its parent
+                    found.append((int(proc_dir.name), (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except OSError:
+            continue
+    return found
+
+
+def prefect_states(workspace: Path) -> dict[str, list[tuple[str, str]]]:
+    """(name, state type) of every flow run and task run in the workspace's Prefect database."""
+    import sqlite3
+
+    db = sqlite3.connect(workspace / "prefect" / "prefect.db")
+    try:
+        return {table: db.execute(f"select name, state_type from {table}").fetchall()
+                for table in ("flow_run", "task_run")}
+    finally:
+        db.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -36,6 +37,59 @@ def raise_on_signals(*signums: int) -> None:
 
     for s in signums:
         signal.signal(s, handler)
+
+
+_stop_signal: int | None = None
+
+
+def request_stop_on_signals(*signums: int) -> None:
+    """Record the given signals instead of acting on them at once (main thread only).
+
+    For the `ufo` process: an exception raised from a signal handler lands at an arbitrary bytecode,
+    possibly inside a library holding a lock, which can deadlock the very cleanup it should start
+    (seen with Prefect's client). Instead the handler only records the request, and the loops that
+    wait on stages (`check_stop()`) raise `Terminated` at a point where that is safe.
+    """
+
+    def handler(signum, _frame):
+        global _stop_signal
+        if _stop_signal is None:
+            _stop_signal = signum
+
+    for s in signums:
+        signal.signal(s, handler)
+
+
+def stop_requested() -> int | None:
+    """The signal that asked this process to stop, or None."""
+    return _stop_signal
+
+
+def check_stop() -> None:
+    """Raise `Terminated` if a stop was requested: call it in every loop that waits on something."""
+    if _stop_signal is not None:
+        raise Terminated(_stop_signal)
+
+
+FAILPOINT_ENV = "UFO_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """A fault-injection point for the fault tests (like etcd's gofail or TiKV's fail-rs).
+
+    With `UFO_FAILPOINT=<name>=hang` the process sleeps here forever without printing (a deadlocked
+    collective, a read that never returns); with `<name>=exit:<code>` it dies at once without
+    cleaning up (an OOM kill). Unset, it costs one dictionary lookup.
+    """
+    spec = os.environ.get(FAILPOINT_ENV)
+    if not spec or not spec.startswith(name + "="):
+        return
+    action = spec.split("=", 1)[1]
+    if action == "hang":
+        while True:
+            time.sleep(3600)
+    if action.startswith("exit:"):
+        os._exit(int(action.removeprefix("exit:")))
 
 
 def cpu_budget() -> int:

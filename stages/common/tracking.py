@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from stages.common.config import StageConfig, dump_yaml
 from stages.common.contracts import ArtifactRef, StageOutput
-from stages.common.runtime import Terminated
+from stages.common.runtime import Terminated, failpoint
 from stages.common.workspace import artifact_root, tracking_uri
 
 # Tags that make runs findable: the pipeline run, and each stage's child run.
@@ -145,6 +145,7 @@ def run_stage(stage: str, config: StageConfig, body: Callable[[Any, StageContext
     try:
         mlflow.log_text(dump_yaml(config), "config/resolved.yaml")
         mlflow.log_params(_flat_params(config.model_dump(mode="json")))
+        failpoint(f"{stage}.started")
         with tempfile.TemporaryDirectory(prefix=f"ufo-{stage}-") as tmp:
             output = body(config, StageContext(active.info.run_id, Path(tmp)))
         mlflow.log_dict(output.model_dump(mode="json"), OUTPUT_ARTIFACT)

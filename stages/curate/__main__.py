@@ -1,6 +1,4 @@
-import sys
-
-from stages.common.cli import stage_main
+from stages.common.cli import stage_entrypoint
 from stages.curate import Config, run
 
-sys.exit(stage_main("curate", Config, run))
+stage_entrypoint("curate", Config, run)

@@ -1,6 +1,4 @@
-import sys
-
-from stages.common.cli import stage_main
+from stages.common.cli import stage_entrypoint
 from stages.evaluate import Config, run
 
-sys.exit(stage_main("evaluate", Config, run))
+stage_entrypoint("evaluate", Config, run)

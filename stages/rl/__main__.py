@@ -1,6 +1,4 @@
-import sys
-
-from stages.common.cli import stage_main
+from stages.common.cli import stage_entrypoint
 from stages.rl import Config, run
 
-sys.exit(stage_main("rl", Config, run))
+stage_entrypoint("rl", Config, run)

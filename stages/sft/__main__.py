@@ -1,6 +1,4 @@
-import sys
-
-from stages.common.cli import stage_main
+from stages.common.cli import stage_entrypoint
 from stages.sft import Config, run
 
-sys.exit(stage_main("sft", Config, run))
+stage_entrypoint("sft", Config, run)
