@@ -2,6 +2,9 @@
 
   ufo run CONFIG [--set a.b=c ...] [--from-run RUN_ID --only STAGE ...] [--force]
   ufo config validate CONFIG [--set a.b=c ...]
+  ufo images [--base-image IMAGE] [--torch-wheels DIR]        (the stage images; `make images`)
+  ufo stack up [--pool NAME] | down | status                  (servers and a worker on this machine)
+  ufo deploy CONFIG --pool POOL [--cron EXPR | --interval S]  (Prefect deployments)
 
 Bad input never gets far: configs, files and arguments are checked before anything heavy is
 imported (an error comes back in about a second, exit 2, naming the field, file or line), and the
@@ -14,6 +17,7 @@ second Ctrl-C changes nothing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -185,6 +189,14 @@ def cmd_run(args) -> int:
     return 0
 
 
+#: Subcommands with their own parser: `ufo NAME ...` is `<module>.main([...])`, imported on demand.
+TOOLS = {
+    "images": ("flows.images", "build the four stage images (make images)"),
+    "stack": ("flows.stack", "start/stop PostgreSQL + MLflow server + Prefect server (+ a worker) here"),
+    "deploy": ("flows.deploy", "register the stage and pipeline deployments on a Prefect work pool"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ufo", description="UFO pipeline: curate -> SFT -> multi-turn RL -> evaluate")
     sub = p.add_subparsers(dest="command", required=True)
@@ -203,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run every stage even when the stage cache holds its result")
     run_p.set_defaults(func=cmd_run)
 
+    for name, (_module, help_text) in TOOLS.items():  # dispatched by main() before parsing
+        sub.add_parser(name, help=help_text, add_help=False)
+
     cfg_p = sub.add_parser("config", help="config tools")
     cfg_sub = cfg_p.add_subparsers(dest="config_command", required=True)
     val_p = cfg_sub.add_parser("validate", help="validate a config and print it resolved")
@@ -212,9 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        command = lambda: importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        command = lambda: args.func(args)  # noqa: E731
     try:
-        return args.func(args)
+        return command()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -82,19 +82,16 @@ def docker_run_kwargs(r: Resources) -> dict[str, Any]:
 
 
 def docker_job_variables(r: Resources) -> dict[str, Any]:
-    """Job variables for a Prefect Docker work pool (prefect-docker's DockerWorkerJobConfiguration).
+    """Job variables for a Docker work pool created from `infra/work-pools/docker.json`.
 
-    Memory goes to its own `mem_limit`/`memswap_limit` fields; everything else travels in
-    `container_create_kwargs`, which the worker hands to docker-py unchanged.
+    Memory goes to prefect-docker's own `mem_limit`/`memswap_limit`; CPUs, shared memory and GPUs to
+    that template's `nano_cpus`, `shm_size` and `device_requests`, which it hands to docker-py.
     """
     kw = docker_run_kwargs(r)
-    out: dict[str, Any] = {}
-    if "mem_limit" in kw:
-        out["mem_limit"] = str(kw.pop("mem_limit"))
-        out["memswap_limit"] = str(kw.pop("memswap_limit"))
-    if kw:
-        out["container_create_kwargs"] = kw
-    return out
+    for key in ("mem_limit", "memswap_limit"):
+        if key in kw:
+            kw[key] = str(kw[key])
+    return kw
 
 
 def kubernetes_job_variables(r: Resources) -> dict[str, Any]:

@@ -100,3 +100,58 @@ def test_a_failing_stage_fails_the_pipeline_clearly_after_its_retries(tmp_path):
     (parent,) = find_runs("tags.`ufo.kind` = 'pipeline'")
     assert parent.info.status == "FAILED"
     assert not find_runs("tags.`ufo.stage` = 'sft'")  # nothing downstream ran
+
+
+def _stage_runs(parent_run_id: str) -> dict[str, object]:
+    return {c.data.tags["ufo.stage"]: c for c in find_runs(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")}
+
+
+def _new_pipeline(before: set[str]):
+    (run,) = [r for r in find_runs("tags.`ufo.kind` = 'pipeline'") if r.info.run_id not in before]
+    return run
+
+
+def test_an_identical_rerun_takes_every_stage_from_the_cache(pipeline, module_workspace):
+    (first,) = pipeline.parents
+    before = {r.info.run_id for r in find_runs("tags.`ufo.kind` = 'pipeline'")}
+    proc = ufo_run(module_workspace, "configs/smoke.yaml")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    again = _new_pipeline(before)
+    assert again.info.status == "FINISHED"
+    old, new = _stage_runs(first.info.run_id), _stage_runs(again.info.run_id)
+    assert sorted(new) == ["curate", "evaluate", "rl", "sft"]
+    for stage, run in new.items():  # a FINISHED record per stage, pointing at the run that computed it
+        assert run.info.status == "FINISHED" and run.data.tags["ufo.cache.hit"] == "true", stage
+        assert run.data.tags["ufo.cache.source_run"] == old[stage].info.run_id
+    out = OUTPUT_TYPES["evaluate"].model_validate(mlflow.artifacts.load_dict(
+        f"runs:/{again.info.run_id}/outputs/evaluate.json"))
+    assert out.run_id == old["evaluate"].info.run_id  # the very same result, not recomputed
+    assert proc.stdout.count("cache hit") == 4
+
+
+def test_changing_only_an_evaluate_field_reruns_only_evaluate(pipeline, module_workspace):
+    before = {r.info.run_id for r in find_runs("tags.`ufo.kind` = 'pipeline'")}
+    proc = ufo_run(module_workspace, "configs/smoke.yaml", "--set", "evaluate.temperature=0.7")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    runs = _stage_runs(_new_pipeline(before).info.run_id)
+    hits = {stage for stage, r in runs.items() if r.data.tags.get("ufo.cache.hit") == "true"}
+    assert hits == {"curate", "sft", "rl"}
+    assert runs["evaluate"].info.status == "FINISHED" and "ufo.cache.hit" not in runs["evaluate"].data.tags
+    # --force computes everything again, cache or not.
+    before = {r.info.run_id for r in find_runs("tags.`ufo.kind` = 'pipeline'")}
+    proc = ufo_run(module_workspace, "configs/smoke.yaml", "--force", "--set", "rl.steps=2",
+                   "--set", "evaluate.max_problems=20")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    runs = _stage_runs(_new_pipeline(before).info.run_id)
+    assert not any("ufo.cache.hit" in r.data.tags for r in runs.values())
+
+
+def test_from_run_refuses_upstream_stages_made_under_another_config(pipeline, module_workspace):
+    (parent,) = pipeline.parents
+    proc = ufo_run(module_workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "rl",
+                   "--set", "rl.feedback=Try again.", "--set", "sft.lr=0.001")
+    assert proc.returncode == 2, proc.stderr
+    # rl.feedback propagates to sft.feedback: the SFT model was trained on other feedback text.
+    assert "its sft stage ran under a different config" in proc.stderr
+    assert "sft.feedback (recorded \"Let's try again.\", now 'Try again.')" in proc.stderr
+    assert "sft.lr (recorded 0.003, now 0.001)" in proc.stderr

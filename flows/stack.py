@@ -1,0 +1,279 @@
+"""The servers a team runs, on one machine: `ufo stack up | down | status`.
+
+    ufo stack up [--pool NAME --pool-type docker|process] [--mlflow-port 5000] [--prefect-port 4200]
+    ufo stack down
+    ufo stack status
+
+`up` starts, each in its own session and writing its log under the stack folder
+(`$UFO_HOME/stack`, default `.ufo/stack`):
+  - PostgreSQL 15 from the system's packages (`initdb`, `pg_ctl`; run as the `postgres` user when
+    started by root), holding two databases: `mlflow` and `prefect`;
+  - an MLflow tracking server on it that serves artifacts (`mlflow-artifacts:` URIs, files under
+    `stack/artifacts`), so stages in containers or on other machines need no shared folder;
+  - a Prefect server on it, with its scheduler (deployments' schedules fire);
+  - optionally a work pool (base job template from `infra/work-pools/<type>.json`) and a worker.
+It writes `stack/env.sh` (`source` it: MLFLOW_TRACKING_URI, PREFECT_API_URL) and `stack/stack.json`
+(what runs where). `down` stops all of it, workers first and PostgreSQL last, and leaves nothing
+running; it is safe to call twice. A production deployment runs the same servers under systemd or
+Kubernetes (see infra/README.md); this is the same stack for one machine and for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flows.server import PreflightError, check_http, prefect_executable
+from stages.common.config import ConfigError
+from stages.common.workspace import workspace
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/local/bin", "/usr/bin")
+
+
+def stack_dir() -> Path:
+    return workspace() / "stack"
+
+
+def _state_path(root: Path) -> Path:
+    return root / "stack.json"
+
+
+def _load_state(root: Path) -> dict:
+    path = _state_path(root)
+    return json.loads(path.read_text()) if path.is_file() else {"processes": {}}
+
+
+def _save_state(root: Path, state: dict) -> None:
+    tmp = _state_path(root).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(_state_path(root))
+
+
+def _pg_tool(name: str) -> str:
+    for folder in PG_BIN_CANDIDATES:
+        if (Path(folder) / name).is_file():
+            return str(Path(folder) / name)
+    found = shutil.which(name)
+    if not found:
+        raise ConfigError(f"PostgreSQL's `{name}` is not installed (apt-get install postgresql)")
+    return found
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: root runs it as the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
+
+
+def start_postgres(root: Path, port: int) -> str:
+    """Initialise (once) and start the cluster; return its SQLAlchemy host part `user@host:port`."""
+    data, sock = root / "pg", root / "pg-socket"
+    sock.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(sock, "postgres")
+        root.chmod(0o755)
+    if not (data / "PG_VERSION").is_file():
+        data.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres")
+        _run(_as_postgres([_pg_tool("initdb"), "-D", str(data), "-U", "ufo", "--auth=trust", "-E", "UTF8"]),
+             "initdb")
+    log = root / "postgres.log"
+    if not log.exists():
+        log.touch()
+    if os.geteuid() == 0:
+        shutil.chown(log, "postgres")
+    _run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+                       f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"]), "pg_ctl start")
+    for db in ("mlflow", "prefect"):
+        exists = subprocess.run(_as_postgres([_pg_tool("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "ufo",
+                                              "-d", "postgres", "-tAc",
+                                              f"select 1 from pg_database where datname = '{db}'"]),
+                                capture_output=True, text=True).stdout.strip()
+        if exists != "1":
+            _run(_as_postgres([_pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "ufo", db]),
+                 f"createdb {db}")
+    return f"ufo@127.0.0.1:{port}"
+
+
+def stop_postgres(root: Path) -> None:
+    data = root / "pg"
+    if (data / "postmaster.pid").is_file():
+        subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+                       capture_output=True)
+
+
+def _start_daemon(root: Path, name: str, cmd: list[str], env: dict[str, str]) -> int:
+    """Start a long-lived server detached from this process (it must outlive `ufo stack up`)."""
+    log = open(root / f"{name}.log", "a")  # noqa: SIM115 -- handed to the daemon
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=str(root))
+    return proc.pid
+
+
+def _await(url: str, what: str, pid: int, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            check_http(url, what, timeout=2)
+            return
+        except PreflightError:
+            if not _alive(pid):
+                raise RuntimeError(f"{what} exited while starting; its log {log} ends:\n"
+                                   f"{log.read_text(errors='replace')[-2000:]}") from None
+            time.sleep(0.5)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout:g} s (log: {log})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _stop_group(pid: int, grace: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + grace
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _alive(pid):
+            return
+
+
+def up(pool: str | None, pool_type: str, mlflow_port: int, prefect_port: int, pg_port: int) -> dict:
+    root = stack_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    state = _load_state(root)
+    if any(_alive(pid) for pid in state["processes"].values()):
+        raise ConfigError(f"the stack in {root} is already running (`ufo stack status`; `ufo stack down` stops it)")
+    state = {"processes": {}, "root": str(root)}
+    _save_state(root, state)  # `down` can clean up whatever starts below, even if `up` fails half-way
+    try:
+        pg = start_postgres(root, pg_port)
+        state["postgres"] = pg
+        base_env = {**os.environ, "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        base_env.pop("MLFLOW_TRACKING_URI", None)
+        base_env.pop("PREFECT_API_URL", None)
+        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+        (root / "artifacts").mkdir(exist_ok=True)
+        mlflow_exe = str(Path(sys.executable).with_name("mlflow"))
+        pid = _start_daemon(root, "mlflow", [
+            mlflow_exe, "server", "--backend-store-uri", f"postgresql+psycopg://{pg}/mlflow",
+            "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+            "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "2",
+            "--allowed-hosts", "127.0.0.1,localhost"], base_env)
+        state["processes"]["mlflow"] = pid
+        _save_state(root, state)
+        prefect_url = f"http://127.0.0.1:{prefect_port}/api"
+        prefect_env = {**base_env, "PREFECT_HOME": str(root / "prefect"),
+                       "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg}/prefect",
+                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": prefect_url}
+        pid = _start_daemon(root, "prefect", [prefect_executable(), "server", "start", "--host", "127.0.0.1",
+                                              "--port", str(prefect_port)], prefect_env)
+        state["processes"]["prefect"] = pid
+        _save_state(root, state)
+        _await(f"{mlflow_url}/health", "MLflow server", state["processes"]["mlflow"], root / "mlflow.log")
+        _await(f"{prefect_url}/health", "Prefect server", pid, root / "prefect.log")
+        state |= {"mlflow_tracking_uri": mlflow_url, "prefect_api_url": prefect_url}
+        if pool:
+            client_env = {**base_env, "PREFECT_API_URL": prefect_url, "PREFECT_HOME": str(root / "prefect"),
+                          "MLFLOW_TRACKING_URI": mlflow_url}
+            create_pool(pool, pool_type, client_env)
+            pid = _start_daemon(root, f"worker-{pool}", [prefect_executable(), "worker", "start", "--pool", pool,
+                                                         "--type", pool_type, "--name", f"ufo-{pool}"], client_env)
+            state["processes"][f"worker-{pool}"] = pid
+            state["pool"] = {"name": pool, "type": pool_type}
+        (root / "env.sh").write_text(f"export MLFLOW_TRACKING_URI={mlflow_url}\nexport PREFECT_API_URL={prefect_url}\n")
+        _save_state(root, state)
+    except BaseException:
+        down()
+        raise
+    return state
+
+
+def create_pool(pool: str, pool_type: str, env: dict[str, str]) -> None:
+    """Create (or update) the work pool with the project's base job template for its type."""
+    template = INFRA / "work-pools" / f"{pool_type}.json"
+    exists = subprocess.run([prefect_executable(), "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
+    cmd = ["work-pool", "update", pool] if exists else ["work-pool", "create", pool, "--type", pool_type]
+    if template.is_file():
+        cmd += ["--base-job-template", str(template)]
+    _run([prefect_executable(), *cmd], f"prefect work-pool {'update' if exists else 'create'} {pool}")
+
+
+def down() -> list[str]:
+    """Stop everything the stack started (workers, servers, then PostgreSQL); return what was stopped."""
+    root = stack_dir()
+    state = _load_state(root)
+    stopped = []
+    procs = state.get("processes", {})
+    for name in sorted(procs, key=lambda n: (not n.startswith("worker"), n != "prefect", n)):
+        if _alive(procs[name]):
+            _stop_group(procs[name])
+            stopped.append(name)
+    if (root / "pg" / "postmaster.pid").is_file():
+        stop_postgres(root)
+        stopped.append("postgres")
+    if root.is_dir():
+        _save_state(root, {"processes": {}, "root": str(root)})
+    return stopped
+
+
+def status() -> dict[str, str]:
+    root = stack_dir()
+    state = _load_state(root)
+    out = {name: ("running" if _alive(pid) else "stopped") + f" (pid {pid})"
+           for name, pid in state.get("processes", {}).items()}
+    out["postgres"] = "running" if (root / "pg" / "postmaster.pid").is_file() else "stopped"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ufo stack", description="PostgreSQL + MLflow server + Prefect server "
+                                "(+ a work pool and its worker) on this machine")
+    sub = p.add_subparsers(dest="action", required=True)
+    up_p = sub.add_parser("up", help="start the stack")
+    up_p.add_argument("--pool", help="also create this work pool and start a worker for it")
+    up_p.add_argument("--pool-type", default="docker", choices=("docker", "process"))
+    up_p.add_argument("--mlflow-port", type=int, default=5000)
+    up_p.add_argument("--prefect-port", type=int, default=4200)
+    up_p.add_argument("--postgres-port", type=int, default=55432)
+    sub.add_parser("down", help="stop the stack, leaving nothing running")
+    sub.add_parser("status", help="what runs")
+    args = p.parse_args(argv)
+    if args.action == "up":
+        state = up(args.pool, args.pool_type, args.mlflow_port, args.prefect_port, args.postgres_port)
+        print(f"MLflow:  {state['mlflow_tracking_uri']}\nPrefect: {state['prefect_api_url']} (UI: "
+              f"{state['prefect_api_url'].removesuffix('/api')})")
+        if "pool" in state:
+            print(f"work pool {state['pool']['name']} ({state['pool']['type']}) with a worker")
+        print(f"Use it:  source {stack_dir() / 'env.sh'}\nStop it: ufo stack down")
+    elif args.action == "down":
+        stopped = down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    else:
+        for name, st in status().items():
+            print(f"{name:<16}{st}")
+    return 0

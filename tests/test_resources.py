@@ -1,0 +1,106 @@
+"""Typed stage resources compiled for each engine, checked against the engines' own code and models:
+the Docker SDK's arguments, a Prefect Docker work pool's job configuration (prefect-docker), and a
+Kubernetes Job rendered from infra/work-pools/kubernetes.json by prefect-kubernetes, then read back
+into the Kubernetes API models (the `kubernetes` package). No cluster or engine runs here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes.client import ApiClient, V1Job
+from prefect.utilities.templating import apply_values
+from prefect_docker.worker import DockerWorkerJobConfiguration
+from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+from flows.config import PipelineConfig
+from flows.resources import (
+    Resources,
+    docker_job_variables,
+    docker_run_kwargs,
+    kubernetes_job_variables,
+    quantity_bytes,
+)
+from stages.common.config import ConfigError, load_config
+from tests.conftest import REPO
+
+GPU_STAGE = Resources(cpus=8, memory="64Gi", shm_size="16Gi", gpus=1,
+                      node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                      tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+def _configure(cls, kind: str, values: dict):
+    """What the worker does with a flow run's job variables (`from_template_and_values`), minus its
+    lookup of block and variable references, which needs a Prefect server and none are used here."""
+    template = _template(kind)
+    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    return cls(**apply_values(template["job_configuration"], {**defaults, **values}))
+
+
+def _template(kind: str) -> dict:
+    return json.loads((REPO / "infra" / "work-pools" / f"{kind}.json").read_text())
+
+
+def test_quantities():
+    assert quantity_bytes("512Mi") == 512 * 2**20
+    assert quantity_bytes("2G") == 2 * 10**9
+    assert quantity_bytes("1.5Gi") == int(1.5 * 2**30)
+    with pytest.raises(ValueError, match="512Mi, 8Gi or 2G"):
+        quantity_bytes("lots")
+
+
+def test_a_bad_quantity_in_a_config_names_the_field(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("flow:\n  sft:\n    resources:\n      memory: lots\n")
+    with pytest.raises(ConfigError, match=r"flow\.sft\.resources\.memory"):
+        load_config(PipelineConfig, cfg)
+
+
+def test_docker_sdk_arguments():
+    kw = docker_run_kwargs(GPU_STAGE)
+    assert kw["nano_cpus"] == 8 * 10**9
+    assert kw["mem_limit"] == kw["memswap_limit"] == 64 * 2**30
+    assert kw["shm_size"] == 16 * 2**30
+    assert kw["device_requests"] == [{"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}]
+    assert docker_run_kwargs(Resources()) == {}
+
+
+def test_docker_work_pool_job_configuration():
+    values = {"image": "ufo-sft:latest", **docker_job_variables(GPU_STAGE)}
+    cfg = _configure(DockerWorkerJobConfiguration, "docker", values)
+    assert cfg.mem_limit == str(64 * 2**30) and cfg.network_mode == "host"
+    create = cfg.container_create_kwargs
+    assert create["entrypoint"] == ["/usr/bin/env"]  # `prefect flow-run execute` past the stage ENTRYPOINT
+    assert create["device_requests"] == [{"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}]
+    assert create["shm_size"] == 16 * 2**30 and create["nano_cpus"] == 8 * 10**9
+    plain = _configure(DockerWorkerJobConfiguration, "docker", {"image": "ufo-curate"})
+    assert plain.container_create_kwargs == {"entrypoint": ["/usr/bin/env"]}  # nothing asked, nothing set
+
+
+def _job(resources: Resources) -> V1Job:
+    values = {"image": "ufo-sft:latest", **kubernetes_job_variables(resources)}
+    cfg = _configure(KubernetesWorkerJobConfiguration, "kubernetes", values)
+    return ApiClient()._ApiClient__deserialize(cfg.job_manifest, "V1Job")
+
+
+def test_kubernetes_job_for_a_one_gpu_stage():
+    job = _job(GPU_STAGE)
+    pod = job.spec.template.spec
+    (container,) = pod.containers
+    assert container.image == "ufo-sft:latest"
+    assert container.resources.limits == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"}
+    assert container.resources.requests == {"cpu": "8", "memory": "64Gi"}
+    assert pod.node_selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    (tol,) = pod.tolerations
+    assert (tol.key, tol.operator, tol.effect) == ("nvidia.com/gpu", "Exists", "NoSchedule")
+    (shm,) = [v for v in pod.volumes if v.name == "dshm"]
+    assert shm.empty_dir.medium == "Memory" and shm.empty_dir.size_limit == "16Gi"
+    assert [m.mount_path for m in container.volume_mounts] == ["/dev/shm"]
+    assert container.command == ["/usr/bin/env"]
+
+
+def test_kubernetes_job_for_a_stage_that_asks_for_nothing():
+    pod = _job(Resources()).spec.template.spec
+    (container,) = pod.containers
+    assert not container.resources.limits and "nvidia.com/gpu" not in (container.resources.limits or {})
+    assert not pod.node_selector and not pod.tolerations
