@@ -2,6 +2,7 @@
 
   ufo run CONFIG [--set a.b=c ...] [--from-run RUN_ID --only STAGE ...] [--force]
   ufo config validate CONFIG [--set a.b=c ...]
+  ufo grade FILE.jsonl        (rows {"gold": ..., "reply": ...} -> each row with "answer" and "correct")
 
 Bad input never gets far: configs, files and arguments are checked before anything heavy is
 imported (an error comes back in about a second, exit 2, naming the field, file or line), and the
@@ -144,6 +145,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_grade(args) -> int:
+    from flows.grade import cmd_grade as grade_file  # lazy: grading imports sympy and math-verify
+
+    return grade_file(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ufo", description="UFO pipeline: curate -> SFT -> multi-turn RL -> evaluate")
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     val_p = cfg_sub.add_parser("validate", help="validate a config and print it resolved")
     add_config_args(val_p)
     val_p.set_defaults(func=cmd_validate)
+
+    grade_p = sub.add_parser("grade", help="show how replies are graded: what answer is read and whether it is correct")
+    grade_p.add_argument("file", help='JSON lines, each {"gold": ..., "reply": ...}; other fields pass through')
+    grade_p.set_defaults(func=cmd_grade)
     return p
 
 

@@ -2,6 +2,8 @@
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import math_verify
@@ -9,7 +11,7 @@ import pytest
 
 from stages.common import grading
 from stages.common.grading import Graded, count_distinct, equivalent, extract_answer, grade
-from tests.conftest import SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA
 
 
 @pytest.mark.parametrize(("reply", "expected"), [("42", "42"), ("The answer is 42", "42"), ("", None), ("abc", None)])
@@ -216,3 +218,38 @@ def test_gsm8k_finals_grade_right_with_and_without_separators():
         for reply in (final, final.replace(",", ""), r["answer"].replace("####", "The answer is")):
             assert grade(final, reply).correct, (final, reply[-80:])
         assert not grade(final, str(int(final.replace(",", "")) + 1)).correct
+
+
+def _ufo_grade(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "grade", str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_ufo_grade_prints_each_row_with_its_answer_and_verdict():
+    done = _ufo_grade(CASES_FILE)
+    assert done.returncode == 0, done.stderr
+    out = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [{k: v for k, v in o.items() if k not in ("answer", "correct")} for o in out] == CASES  # rows kept
+    assert [o["correct"] for o in out] == [c["expected"] for c in CASES]
+    assert [o["answer"] for o in out] == [grade(c["gold"], c["reply"]).answer for c in CASES]
+    by_reply = {o["reply"]: o for o in out}
+    assert by_reply["\\sqrt 5"]["answer"] == "\\sqrt 5" and by_reply["10 or 11"]["answer"] is None
+    assert f"{len(CASES)} rows" in done.stderr
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot read the file"),
+    ('{"gold": "1", "reply": "1"}\n\n{"gold": "2", reply}\n', ":3: not JSON"),
+    ('{"gold": "1", "reply": "1"}\n{"gold": "2"}\n', ':2: the row has no "reply"'),
+    ('{"reply": "2"}\n', ':1: the row has no "gold"'),
+    ('["1", "1"]\n', ":1: a row must be a JSON object"),
+    ('{"gold": null, "reply": "1"}\n', ':1: "gold" is null'),
+])
+def test_ufo_grade_names_the_file_and_line_of_bad_input(tmp_path, content, message):
+    path = tmp_path / "replies.jsonl"
+    if content is not None:
+        path.write_text(content)
+    done = _ufo_grade(path)
+    assert done.returncode == 2
+    assert done.stdout == ""  # nothing printed: a printed grading is always a whole file's
+    assert f"error: {path}" in done.stderr and message in done.stderr, done.stderr
