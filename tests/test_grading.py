@@ -185,12 +185,12 @@ def test_a_failing_comparison_is_not_correct_rather_than_an_error(monkeypatch):
 
     monkeypatch.setattr(grading, "verify", broken)
     grading.equivalent.cache_clear()
-    grading._grade.cache_clear()
+    grading.grade.cache_clear()
     try:
         assert grade("\\sqrt{2}", "\\boxed{\\sqrt{2}}") == Graded(answer="\\sqrt{2}", correct=False)
     finally:
         grading.equivalent.cache_clear()
-        grading._grade.cache_clear()
+        grading.grade.cache_clear()
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "math500" / "test.jsonl").is_file(),

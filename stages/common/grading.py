@@ -262,15 +262,11 @@ def equivalent(a: str, b: str) -> bool:
         return False
 
 
+@lru_cache(maxsize=_CACHE)
 def grade(gold: str, reply: str) -> Graded:
     """The reply's final answer and whether it equals the gold (read as text when the gold is text)."""
-    if _INT.fullmatch(gold) and _INT.fullmatch(reply):  # the RL hot path: two regexes, no cache, no sympy
+    if _INT.fullmatch(gold) and _INT.fullmatch(reply):  # the RL hot path: two regexes, no sympy
         return Graded(answer=str(int(reply)), correct=int(gold) == int(reply))
-    return _grade(gold, reply)
-
-
-@lru_cache(maxsize=_CACHE)
-def _grade(gold: str, reply: str) -> Graded:
     answer = _extract_text(reply) if _as_text(gold) is not None else extract_answer(reply)
     return Graded(answer=answer, correct=answer is not None and equivalent(gold, answer))
 
