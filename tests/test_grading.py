@@ -10,7 +10,7 @@ import math_verify
 import pytest
 
 from stages.common import grading
-from stages.common.grading import Graded, count_distinct, equivalent, extract_answer, grade
+from stages.common.grading import Graded, count_distinct, equivalent, extract_answer, grade, reference_answer
 from tests.conftest import REPO, SHARED_DATA
 
 
@@ -157,6 +157,13 @@ def test_text_answers_are_text_only_when_the_gold_is_text():
     assert equivalent("\\text{(C)}", "\\text{c}")
 
 
+@pytest.mark.parametrize(("gold", "read"), [("2,125", "2125"), ("(3,4]", "(3,4]"), ("\\text{(C)}", "\\text{c}"),
+                                           ("5.4 \\text{ cents}", "5.4 \\text{ cents}"), ("\\text{Evelyn}", "\\text{evelyn}"),
+                                           ("\\frac{1}{0}", None), ("\\frac{1}{", None), ("", None)])
+def test_reference_answer_reads_golds_whole_and_refuses_what_no_reply_could_match(gold, read):
+    assert reference_answer(gold) == read
+
+
 def test_count_distinct_reads_answers_whole_and_text_as_text():
     assert count_distinct(["(0, 4]", "(0,4]", "4"]) == 2
     assert count_distinct(["\\sqrt 5", "5", "\\sqrt{5}"]) == 2
@@ -201,6 +208,7 @@ def test_math500_answers_grade_right_from_their_solutions_and_whole():
     for r in rows:
         gold = r["answer"]
         # the reference solution (a chain of thought ending in \boxed{}), the bare answer, and both in prose
+        assert reference_answer(gold) is not None, gold
         for reply in (r["solution"], gold, f"\\boxed{{{gold}}}", f"So the final answer is ${gold}$."):
             assert grade(gold, reply).correct, (gold, reply[-80:])
     # and no two different golds are taken for one another (a sample of pairs)

@@ -242,6 +242,26 @@ def _extract_text(reply: str) -> str | None:
     return f"\\text{{{norm}}}" if norm else None
 
 
+def reference_answer(gold: str) -> str | None:
+    """A reference (gold) answer as the grader reads it; None when it cannot, so no reply could match it.
+
+    A text answer gives its normalised `\\text{...}`; anything else must be one math-verify value read
+    whole ("2,125", "(3,4]", "\\text{(C)}" and "5.4 \\text{ cents}" all are). Curation can quarantine
+    the golds this refuses; `extract_answer` is for replies and refuses text answers.
+    """
+    if _INT.fullmatch(gold.strip()):
+        return str(int(gold))
+    if _THOUSANDS.fullmatch(gold.strip()):
+        return str(int(re.sub(r"[^0-9-]", "", gold)))
+    try:
+        text = _as_text(gold)
+        if text is not None:
+            return f"\\text{{{text}}}"
+        return " ".join(gold.split()) if _defined(_parse_whole(gold)) else None
+    except Exception:
+        return None
+
+
 @lru_cache(maxsize=4 * _CACHE)
 def equivalent(a: str, b: str) -> bool:
     """True when two answers (reference or extracted) have the same value; `a` is the reference.
