@@ -135,7 +135,7 @@ def test_a_reply_that_is_only_latex_is_read_whole(reply, answer, equals, differs
 
 
 @pytest.mark.parametrize("reply", ["10 or 11", "\\boxed{10} or \\boxed{11}", "10 \\text{ or } 11", "Is it 10?",
-                                   "The answer is 10 or 11.", "probably 10, maybe 11", "\\frac{1}{2", ""])
+                                   "The answer is 10 or 11.", "10 (or 11)", "probably 10, maybe 11", "\\frac{1}{2", ""])
 def test_a_hedge_or_an_unreadable_reply_is_invalid(reply):
     # invalid, not merely wrong: it never counts as a distinct answer in the repetition penalty
     assert extract_answer(reply) is None

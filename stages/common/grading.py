@@ -51,7 +51,7 @@ _ANCHOR = re.compile(r"\b(?:answers?|solutions?)\b(?:[^\n]{0,40}?\b(?:is|are|was
 # "10 \text{ or } 11"); a region that ends as a question; an uncertain word beside two or more numbers.
 # ("add or subtract" is prose, not a hedge: the word before "or" must end a value or be a symbol).
 _OR_AFTER_VALUE = re.compile(
-    r"(?:[0-9)}\]]|(?<![A-Za-z])[A-Za-z]|\\[A-Za-z]+)\s*,?\s*(?:\\(?:text|mbox|textrm)\s*\{\s*)?\bor\b", re.I)
+    r"(?:[0-9)}\]]|(?<![A-Za-z])[A-Za-z]|\\[A-Za-z]+)\s*[,(]?\s*(?:\\(?:text|mbox|textrm)\s*\{\s*)?\bor\b", re.I)
 _OR_SPLIT = re.compile(r"\s*,?\s*(?:\\(?:text|mbox|textrm)\s*\{\s*)?\bor\b(?:\s*\})?\s*", re.I)
 _AND = re.compile(r"\s*,?\s*\band\b\s*", re.I)  # "1 and 2", "3, 5, and 7": lists
 _UNSURE = re.compile(r"\b(?:maybe|perhaps|possibly|probably|could|might)\b", re.I)
