@@ -6,17 +6,23 @@ disagree on what counts as correct. Distinctness for the repetition penalty uses
 
 How a reply is read (issue 9, point 3):
 1. Its answer region: the last `\\boxed{}` (with the boxes just before it when only "," or "and" joins
-   them: one list), else the rest of the line after the last "answer is" / "answer:" / "solutions are", else its last
-   non-empty line. A pair of math delimiters around the whole region and a final full stop are dropped.
-2. A hedge is no answer: "10 or 11", "\\boxed{10} or \\boxed{11}", "maybe 12, maybe 13", "Is it 12?"
-   give None (invalid), so a hedge is never correct and never counts as a distinct answer.
+   them: one list), else the rest of the line after the last "answer is" / "answer:" / "solutions are",
+   else its last non-empty line. Math delimiters around the whole region and a final full stop are dropped.
+2. A hedge is no answer: "10 or 11", "\\boxed{10} or \\boxed{11}", "maybe 12, maybe 13", "Is it 12?" give
+   None (invalid), so a hedge is never correct and never counts as a distinct answer. One value stated
+   twice ("15\\frac{39}{40}, or \\frac{639}{40}") is not a hedge.
 3. A region that is only math (no words outside `\\text{}`-like groups and LaTeX commands) is read WHOLE
    by math-verify: `\\sqrt 5` is sqrt(5) (not 5), `(0, 4]` an interval (not 4), `10, 11, 12` a list, so a
-   list of guesses never equals a single gold. If it does not parse, the reply is invalid; nothing
-   inside it is fished out instead.
+   list of guesses never equals a single gold. If it does not parse, or its value is undefined (1/0),
+   the reply is invalid; nothing inside it is fished out instead.
 4. Otherwise (prose) math-verify searches the region, then the whole reply, as for a free-form solution.
 5. When the gold is text (`\\text{Evelyn}`, `\\text{(C)}`, a plain word), the region is compared as
-   normalised text (case, punctuation, `\\text{}` and a leading article ignored).
+   normalised text (case, punctuation, `\\text{}` and a leading article ignored). For a math gold a word
+   is no answer, so naming words cannot buy distinct answers.
+
+Known limits: "x < 1 or x > 2" reads as a hedge, not as a union; a text answer inside a sentence with no
+"answer is" ("The winner is Evelyn.") is compared as that whole sentence; 30^\\circ is not pi/6 (math-verify
+does not convert degrees); (1,2) equals the list "1, 2" (math-verify reads a bare pair as the point).
 
 Grading never raises: what math-verify cannot read is invalid (None), and a math-verify timeout
 (5 s, main thread only: its alarm needs SIGALRM) makes a comparison "not correct".
@@ -79,15 +85,18 @@ def _timeout() -> int | None:
 
 
 @lru_cache(maxsize=_CACHE)
-def _parse(text: str) -> tuple:
-    """math-verify's search of `text` for a value (boxed first, then LaTeX, then plain numbers)."""
-    return tuple(parse(text, fallback_mode="no_fallback", parsing_timeout=_timeout()))
+def _parse(text: str) -> tuple[tuple, str | None]:
+    """math-verify's search of `text` (boxed first, then LaTeX, then plain numbers): the values it read,
+    and the text of the first match it tried (usually, not always, the one the value came from)."""
+    out = parse(text, fallback_mode="first_match", parsing_timeout=_timeout())
+    source = out.pop() if out and isinstance(out[-1], str) else None
+    return tuple(out), source
 
 
 @lru_cache(maxsize=_CACHE)
 def _parse_whole(text: str) -> tuple:
     """The value of `text` read as ONE LaTeX expression ("$...$" makes math-verify read all of it)."""
-    return _parse(f"${' '.join(text.split())}$")
+    return _parse(f"${' '.join(text.split())}$")[0]
 
 
 def _boxes(text: str) -> list[tuple[int, int, str]]:
@@ -223,8 +232,16 @@ def _extract_math(text: str) -> str | None:
         region = listed
     if boxed or _is_bare_math(region):
         return " ".join(region.split()) if _defined(_parse_whole(region)) else None
-    parsed = _parse(region) or _parse(text)
-    return _latex(parsed[0]) if _defined(parsed) else None
+    values, read = _parse(region)
+    if not values:
+        values, read = _parse(text)
+    if not _defined(values):
+        return None
+    # The answer as the reply wrote it when that reads back as the same value; sympy's LaTeX does not
+    # always ("7i - 2" comes back as "7 i - 2", which math-verify reads with a symbol i, not the unit).
+    if read and verify(list(values), list(_parse_whole(read)), timeout_seconds=_timeout()):
+        return " ".join(read.split())
+    return _latex(values[0])
 
 
 def _defined(parsed: tuple) -> bool:
