@@ -237,6 +237,8 @@ def _extract_math(text: str) -> str | None:
         values, read = _parse(text)
     if not _defined(values):
         return None
+    if read and _INT.fullmatch(read):  # a number in a sentence, the common prose case: no round trip
+        return str(int(read))
     # The answer as the reply wrote it when that reads back as the same value; sympy's LaTeX does not
     # always ("7i - 2" comes back as "7 i - 2", which math-verify reads with a symbol i, not the unit).
     if read and verify(list(values), list(_parse_whole(read)), timeout_seconds=_timeout()):
