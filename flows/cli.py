@@ -2,6 +2,7 @@
 
   ufo run CONFIG [--set a.b=c ...] [--from-run RUN_ID --only STAGE ...] [--force]
   ufo config validate CONFIG [--set a.b=c ...]
+  ufo grade FILE.jsonl        (rows {"gold": ..., "reply": ...} -> each row with "answer" and "correct")
   ufo images [--base-image IMAGE] [--torch-wheels DIR]        (the stage images; `make images`)
   ufo stack up [--pool NAME] | down | status                  (servers and a worker on this machine)
   ufo deploy CONFIG --pool POOL [--cron EXPR | --interval S]  (Prefect deployments)
@@ -189,6 +190,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_grade(args) -> int:
+    from flows.grade import cmd_grade as grade_file  # lazy: grading imports sympy and math-verify
+
+    return grade_file(args)
+
+
 #: Subcommands with their own parser: `ufo NAME ...` is `<module>.main([...])`, imported on demand.
 TOOLS = {
     "images": ("flows.images", "build the four stage images (make images)"),
@@ -223,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     val_p = cfg_sub.add_parser("validate", help="validate a config and print it resolved")
     add_config_args(val_p)
     val_p.set_defaults(func=cmd_validate)
+
+    grade_p = sub.add_parser("grade", help="show how replies are graded: what answer is read and whether it is correct")
+    grade_p.add_argument("file", help='JSON lines, each {"gold": ..., "reply": ...}; other fields pass through')
+    grade_p.set_defaults(func=cmd_grade)
     return p
 
 
