@@ -132,14 +132,15 @@ def test_html_shows_every_number_with_its_interval_and_is_self_contained(summary
     assert "user: Let&#x27;s try again." in html and "∅" in html and "✓" in html
 
 
-def test_a_difference_whose_interval_excludes_zero_is_marked(summary):
+def test_a_difference_whose_interval_excludes_zero_is_marked_better_or_worse(summary):
     _, results, _ = summary
-    up = rep.Comparison("test", "sft", "rl", {"succ_at_1": Interval(0.1, 0.05, 0.15)})
-    down = rep.Comparison("test", "sft", "rl", {"succ_at_1": Interval(-0.1, -0.15, -0.05)})
-    flat = rep.Comparison("test", "sft", "rl", {"succ_at_1": Interval(0.1, -0.05, 0.25)})
-    cells = [rep.build_html(results[:2], [c], max_turns=T) for c in (up, down, flat)]
-    assert 'class="num up">+0.100' in cells[0] and 'class="num down">-0.100' in cells[1]
-    assert 'class="num">+0.100' in cells[2]
+    up, down, unclear = Interval(0.1, 0.05, 0.15), Interval(-0.1, -0.15, -0.05), Interval(0.1, -0.05, 0.25)
+    assert [rep.verdict("succ_at_1", iv) for iv in (up, down, unclear)] == ["better", "worse", "unclear"]
+    assert [rep.verdict("invalid_rate", iv) for iv in (up, down, unclear)] == ["worse", "better", "unclear"]
+    html = rep.build_html(results[:2], [rep.Comparison("test", "sft", "rl", {"succ_at_1": up, "repeat_share": up,
+                                                                             "avg_turns": unclear})], max_turns=T)
+    assert 'class="num better">+0.100' in html and 'class="num worse">+0.100' in html
+    assert 'class="num">+0.100' in html
 
 
 def _examples(seed: int, problems: list[str]) -> pd.DataFrame:
@@ -174,3 +175,11 @@ def test_arms_from_examples_pool_seeds_problem_by_problem():
     assert "pass_at_1" in sft.terms and "pass_at_1" not in by["sft_no_feedback"].terms
     with pytest.raises(ValueError, match="seed 1 holds other problems"):
         rep.arms_from_examples([seeds[0], _examples(1, ids[:-1])], "test", T)
+
+
+def test_many_arms_split_results_and_differences_into_two_tables():
+    arms = [synthetic_arm(f"arm{i}", True, 0.5, i) for i in range(5)]
+    results, comparisons = rep.summarise_set("test", arms, [("arm0", f"arm{i}") for i in range(1, 5)], n_boot=100)
+    html = rep.build_html(results, comparisons, max_turns=T, notes=["UFO beats single-turn RL."])
+    assert html.count("<table>") == 3  # results, differences, glossary
+    assert "<h3>Paired differences</h3>" in html and "<p>UFO beats single-turn RL.</p>" in html

@@ -218,6 +218,18 @@ FOREST = ("succ_at_1", "succ_at_{T}", "succ_auc", "pass_at_{T}", "effective_answ
           "self_correction_at_2", "retry_success", "invalid_rate")
 
 
+#: Metrics where a lower value is the better one (for colouring differences).
+LOWER_IS_BETTER = ("avg_turns", "avg_turns_to_success", "invalid_rate", "repeat_share", "all_same_share")
+
+
+def verdict(name: str, iv: Interval) -> str:
+    """`better` / `worse` when the interval of a difference b - a excludes 0 (b better / worse than a on
+    metric `name`), else `unclear`."""
+    if not iv.excludes(0.0):
+        return "unclear"
+    return "better" if (iv.lo > 0) != (name in LOWER_IS_BETTER) else "worse"
+
+
 def _sets(results: Iterable[Result]) -> list[str]:
     return list(dict.fromkeys(r.set for r in results))
 
@@ -237,22 +249,24 @@ def make_plots(results: Sequence[Result], comparisons: Sequence[Comparison], max
     ks = np.arange(1, max_turns + 1)
     for set_name in _sets(results):
         rs = [r for r in results if r.set == set_name]
-        fig, ax = plt.subplots(figsize=(7.5, 4.6))
         series = [(r, "succ", f"{r.label} Succ@k" + ("" if r.feedback else " (no feedback at inference)"))
                   for r in rs] + [(r, "pass", f"{r.model} Pass@k (single-turn samples)")
                                   for r in rs if r.feedback and "pass_at_1" in r.metrics]
+        series = [s for s in series if all(f"{s[1]}_at_{k}" in s[0].metrics for k in ks)]
+        # The curves on top, and below them a table with every plotted number and its interval.
+        fig, (ax, tab) = plt.subplots(2, 1, figsize=(8.5, 4.8 + 0.22 * len(series)),
+                                      gridspec_kw={"height_ratios": [4.6, 0.5 + 0.22 * len(series)]})
         width = 0.35 / max(len(series), 1)
         colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r.model for r in rs))}
+        cells = []
         for i, (r, kind, name) in enumerate(series):
-            keys = [f"{kind}_at_{k}" for k in ks]
-            if not all(k in r.metrics for k in keys):
-                continue
-            iv = [r.metrics[k] for k in keys]
+            iv = [r.metrics[f"{kind}_at_{k}"] for k in ks]
             y = np.array([v.estimate for v in iv])
             err = np.array([[v.estimate - v.lo for v in iv], [v.hi - v.estimate for v in iv]])
             style = {"succ": "-" if r.feedback else ":", "pass": "--"}[kind]
             ax.errorbar(ks + (i - (len(series) - 1) / 2) * width, y, yerr=err, capsize=3, marker="o" if kind == "succ" else "s",
                         linestyle=style, color=colours[r.model], label=name, alpha=0.9 if kind == "succ" else 0.6)
+            cells.append([f"{v.estimate:.3f} [{v.lo:.3f}, {v.hi:.3f}]" for v in iv])
         ax.set_xlabel("k (turns for Succ@k, samples for Pass@k)")
         ax.set_ylabel("solved fraction")
         ax.set_xticks(ks)
@@ -260,6 +274,12 @@ def make_plots(results: Sequence[Result], comparisons: Sequence[Comparison], max
                      f"{_level(rs)} bootstrap intervals", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
+        tab.axis("off")
+        if cells:
+            table = tab.table(cellText=cells, rowLabels=[f"{r.label} {kind.capitalize()}@k" for r, kind, _ in series],
+                              colLabels=[f"k = {k}" for k in ks], loc="center", cellLoc="center")
+            table.auto_set_font_size(False)
+            table.set_fontsize(6.5)
         plots[f"curves_{set_name}.png"] = _png(fig, plt)
 
         cs = [c for c in comparisons if c.set == set_name]
@@ -270,7 +290,7 @@ def make_plots(results: Sequence[Result], comparisons: Sequence[Comparison], max
         fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(rows) + 1.2))
         for y, (c, n) in enumerate(reversed(rows)):
             iv = c.metrics[n]
-            colour = "tab:green" if iv.lo > 0 else "tab:red" if iv.hi < 0 else "tab:gray"
+            colour = {"better": "tab:green", "worse": "tab:red", "unclear": "tab:gray"}[verdict(n, iv)]
             ax.errorbar([iv.estimate], [y], xerr=[[iv.estimate - iv.lo], [iv.hi - iv.estimate]], fmt="o",
                         color=colour, capsize=3)
             ax.annotate(f"{iv.estimate:+.3f} [{iv.lo:+.3f}, {iv.hi:+.3f}]", (iv.hi, y), xytext=(6, -3),
@@ -281,7 +301,7 @@ def make_plots(results: Sequence[Result], comparisons: Sequence[Comparison], max
         hi = max(c.metrics[n].hi for c, n in rows)
         ax.set_xlim(min(lo, 0) - 0.02, max(hi, 0) + 0.25 * (max(hi, 0) - min(lo, 0)) + 0.05)
         ax.set_xlabel(f"paired difference (b − a), {_level(cs)} bootstrap interval over problems")
-        ax.set_title(f"{set_name}: paired differences (green/red: interval excludes 0)", fontsize=9)
+        ax.set_title(f"{set_name}: paired differences (green/red: b better/worse than a, interval excludes 0)", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         plots[f"differences_{set_name}.png"] = _png(fig, plt)
     return plots
@@ -309,13 +329,13 @@ h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd
 h3{font-size:15px;margin-top:20px}
 table{border-collapse:collapse;margin:8px 0 16px}th,td{border:1px solid #ddd;padding:3px 8px;vertical-align:top}
 th{background:#f4f4f6;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.ci{color:#6e6e73;font-size:12px}.up{background:#e3f5e1}.down{background:#fbe3e1}
+.ci{color:#6e6e73;font-size:12px}.better{background:#e3f5e1}.worse{background:#fbe3e1}
 .meta td{border:none;padding:1px 10px 1px 0}.meta td:first-child{white-space:nowrap}.note{color:#555;font-size:13px}
 img{max-width:100%;border:1px solid #eee;margin:6px 0}
 .tr{border:1px solid #ddd;border-radius:6px;padding:6px 10px;margin:6px 0;background:#fcfcfd}
 .turn{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;margin:2px 0}
 .ok{color:#137333;font-weight:600}.bad{color:#b3261e;font-weight:600}.inv{color:#8a6d00;font-weight:600}
-.fb{color:#6e6e73;font-style:italic}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:8px}
+.fb{color:#6e6e73;font-style:italic}.wide{overflow-x:auto}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:8px}
 """
 
 
@@ -323,17 +343,29 @@ def _e(x) -> str:
     return html.escape(str(x))
 
 
-def _cell(iv: Interval | None, signed: bool = False, colour: bool = False) -> str:
+def _cell(iv: Interval | None, signed: bool = False, name: str | None = None) -> str:
+    """A number over its interval; a difference (name given) is shaded by its verdict."""
     if iv is None:
         return '<td class="num">—</td>'
     if np.isnan(iv.estimate):
         return '<td class="num">n/a</td>'
     f = "{:+.3f}" if signed else "{:.3f}"
     cls = "num"
-    if colour and iv.excludes(0.0):
-        cls += " up" if iv.lo > 0 else " down"
+    if name is not None and verdict(name, iv) != "unclear":
+        cls += f" {verdict(name, iv)}"
     return (f'<td class="{cls}">{f.format(iv.estimate)}<br><span class="ci">[{f.format(iv.lo)}, '
             f'{f.format(iv.hi)}]</span></td>')
+
+
+def _table(order: list[tuple[str, str]], columns: list[tuple[str, dict[str, Interval], bool]]) -> str:
+    """Metrics as rows, one column per (header, metrics, is a difference); scrolls sideways when wide."""
+    rows = []
+    for name, shown in order:
+        if any(name in metrics for _, metrics, _ in columns):
+            rows.append(f"<tr><td title='{_e(describe(name))}'>{_e(shown)}</td>" + "".join(
+                _cell(metrics.get(name), signed=diff, name=name if diff else None) for _, metrics, diff in columns) + "</tr>")
+    head = "<tr><th>metric</th>" + "".join(f"<th>{_e(h)}</th>" for h, _, _ in columns) + "</tr>"
+    return f"<div class='wide'><table>{head}{''.join(rows)}</table></div>"
 
 
 def _img(name: str, png: bytes) -> str:
@@ -342,8 +374,12 @@ def _img(name: str, png: bytes) -> str:
 
 def build_html(results: Sequence[Result], comparisons: Sequence[Comparison], *, max_turns: int,
                title: str = "UFO evaluation report", plots: dict[str, bytes] | None = None,
-               transcripts: Sequence[Transcript] = (), meta: dict[str, str] | None = None) -> str:
-    """The whole report as one HTML string: no external file, script, font or stylesheet."""
+               transcripts: Sequence[Transcript] = (), meta: dict[str, str] | None = None,
+               notes: Sequence[str] = ()) -> str:
+    """The whole report as one HTML string: no external file, script, font or stylesheet.
+
+    meta: key -> value lines at the top (runs, protocol, ...); notes: paragraphs of plain text after them
+    (e.g. an ablation's reading of its findings)."""
     plots = plots or {}
     order = metric_order(max_turns)
     level = _level(results) if results else "95%"
@@ -352,23 +388,20 @@ def build_html(results: Sequence[Result], comparisons: Sequence[Comparison], *, 
     if meta:
         out.append("<table class='meta'>" + "".join(f"<tr><td><b>{_e(k)}</b></td><td>{_e(v)}</td></tr>"
                                                     for k, v in meta.items()) + "</table>")
+    out += [f"<p>{_e(n)}</p>" for n in notes]
     out.append(f"<p class='note'>Every number is a point estimate with its {level} bootstrap percentile "
                "interval below it; the bootstrap resamples problems. Differences b − a are paired: both sides "
-               "are computed on the same resampled problems. Green/red: the interval of a difference lies "
-               "above/below 0. Hover a metric's name for its definition (also listed at the end).</p>")
+               "are computed on the same resampled problems. Green/red: b is better/worse than a (the interval "
+               "excludes 0; lower is better for turns, invalid rate, repeat and all-same shares). Hover a metric's name for its definition (also listed at the end).</p>")
     for set_name in _sets(results):
         rs = [r for r in results if r.set == set_name]
         cs = [c for c in comparisons if c.set == set_name]
         out.append(f"<h2>Eval set <code>{_e(set_name)}</code>: {rs[0].problems} problems, {rs[0].seeds} seed(s)</h2>")
-        out.append("<table><tr><th>metric</th>" + "".join(
-            f"<th>{_e(r.label)}</th>" for r in rs) + "".join(f"<th>{_e(c.b)} − {_e(c.a)}</th>" for c in cs) + "</tr>")
-        for name, shown in order:
-            if not any(name in r.metrics for r in rs):
-                continue
-            out.append(f"<tr><td title='{_e(describe(name))}'>{_e(shown)}</td>"
-                       + "".join(_cell(r.metrics.get(name)) for r in rs)
-                       + "".join(_cell(c.metrics.get(name), signed=True, colour=True) for c in cs) + "</tr>")
-        out.append("</table>")
+        columns = [(r.label, r.metrics, False) for r in rs] + [(f"{c.b} − {c.a}", c.metrics, True) for c in cs]
+        if len(columns) <= 8:  # fits a 1280-pixel page: results and differences side by side
+            out.append(_table(order, columns))
+        else:
+            out.append(_table(order, columns[: len(rs)]) + "<h3>Paired differences</h3>" + _table(order, columns[len(rs):]))
         for kind in ("curves", "differences"):
             name = f"{kind}_{set_name}.png"
             if name in plots:
