@@ -226,6 +226,8 @@ def evaluate(config: Config, ctx: StageContext) -> Output:
             evals[set_name][name] = evaluate_model(model, tokenizer, problems, config)
         mlflow.log_metric(f"perf/eval_{name}_seconds", time.time() - t0)
         del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next model gets the memory back
 
     t0 = time.time()
     results, comparisons, examples, transcripts = [], [], [], []
