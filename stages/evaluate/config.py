@@ -33,7 +33,8 @@ class Config(StageConfig):
     `models:/NAME/VERSION`, `runs:/RUN_ID/model` (a `save_pretrained` folder or an MLflow transformers
     model), or a local folder. Downloaded through MLflow, loaded with transformers' `from_pretrained`;
     the digest of what was evaluated is logged as param `models.<name>.sha256`. Each adds the time of one
-    model's evaluation (~2-3 s per 200 problems for the tiny model on 2 cores)."""
+    model's evaluation (the smoke config's 200 problems, both conditions: ~1-1.5 s for the tiny model on
+    2 quiet cores, measured once; far more on a busy machine)."""
     sets: list[str] | None = None
     """Which evaluation sets: names from the curate Output (`test` for the held-out split, `<name>` for
     each `eval/<name>` set). None = every one of them."""
@@ -49,7 +50,8 @@ class Config(StageConfig):
     instead: the model still sees its earlier answers but is never told they were wrong (as the paper's
     code does for its no-feedback variant), so the comparison `<model>_vs_<model>_no_feedback` measures
     what the feedback itself adds at inference (the paper's finding 4). Each condition costs one
-    multi-turn rollout per model and set (~25% of a model's evaluation time)."""
+    multi-turn rollout per model and set: both take ~1.4-1.8x the time of `[feedback]` alone
+    (benchmarks/evaluate.py, busy 2-core machine)."""
     episodes_per_problem: int = Field(1, ge=1)
     """Multi-turn episodes per problem and condition; more shrink the sampling noise of Succ@k (the
     interval still resamples problems). Cost grows linearly."""
