@@ -136,8 +136,12 @@ def test_evaluate_logs_every_metric_curve_and_table(curated, sft_out, rl_out, tm
     for model in ("sft", "rl"):
         for n in names:
             assert f"eval/{model}/{n}" in logged
+    for n in ("succ_at_5", "effective_answer_ratio", "repeat_share"):
+        assert f"eval/rl_no_feedback/{n}" in logged and f"eval/rl_vs_sft/{n}_lo" in logged
     table = pd.read_parquet(fetch_verified(out.artifact("examples"), tmp_path))
-    assert len(table) == 32 and set(table.model) == {"sft", "rl"}
+    # 16 problems x 2 models x 2 conditions (with and without feedback at inference)
+    assert len(table) == 64 and set(table.model) == {"sft", "rl"} and set(table.feedback) == {True, False}
+    assert fetch_verified(out.artifact("report_html"), tmp_path / "html").read_text().startswith("<!doctype html>")
     png = fetch_verified(out.artifact("curves"), tmp_path / "png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -89,7 +89,10 @@ class RLOutput(StageOutput):
 
 
 class EvaluateOutput(StageOutput):
-    """Artifacts: `curves` (PNG), `examples` (parquet), `report` (JSON); metrics `eval/<model>/<name>`."""
+    """Artifacts: `report_html` (the self-contained report), `plots` (folder of PNGs), `curves` (the first
+    set's Succ@k/Pass@k PNG), `examples` (parquet, one row per episode), `report` (JSON). Metrics
+    `eval/<model>/<name>` on the test split and `eval/<set>/<model>/<name>` on other sets, with
+    `<name>_lo`/`<name>_hi` intervals; see stages/evaluate/__init__.py."""
 
     stage: str = "evaluate"
 
