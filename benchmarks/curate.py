@@ -114,7 +114,11 @@ def main() -> None:
         print(f"generated {args.rows} rows ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s "
               f"(not timed): {planted}", flush=True)
 
+        import logging
+
         from stages import curate  # after the environment is set
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
 
         config = curate.Config(experiment="bench-curate", num_proc=args.num_proc, sources=[
             curate.MetaMathQASource(path=str(src)),

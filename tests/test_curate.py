@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import curate
-from stages.common.config import ConfigError, validate
+from stages.common.config import ConfigError, load_config, validate
 from stages.common.tracking import fetch_verified
 from stages.curate import schemas
 from stages.curate.readers import EvalIndex
@@ -172,10 +172,14 @@ def test_stage_imports_no_torch():
 
 
 @needs_data
-def test_gsm8k_and_math500_curate_with_every_row_accounted_for(module_workspace, tmp_path):
-    out = _run(curate.GSM8KSource(path=str(DATA / "gsm8k" / "train.jsonl"), name="gsm8k-train"),
-               curate.GSM8KSource(path=str(DATA / "gsm8k" / "test.jsonl"), role="eval"),
-               curate.MATHSource(path=str(DATA / "math500" / "test.jsonl"), role="eval", name="math500"))
+def test_gsm8k_and_math500_curate_with_every_row_accounted_for(module_workspace, tmp_path, monkeypatch):
+    """The shipped real-model config's curate section (GSM8K train as `train`, GSM8K test and MATH-500 as
+    `eval`), reading the files from $UFO_DATA."""
+    from flows.config import PipelineConfig
+
+    monkeypatch.setenv("UFO_DATA", str(DATA))
+    config = load_config(PipelineConfig, REPO / "configs" / "qwen2.5-3b-gsm8k.yaml").curate
+    out = curate.run(config.model_copy(update={"experiment": "curate-tests"}))
     manifest = _manifest(out, tmp_path)
     _check_accounting(manifest)
     assert set(out.eval_sets()) == {"gsm8k", "math500"}
@@ -463,6 +467,8 @@ def test_missing_file_is_a_config_error_naming_it(module_workspace, tmp_path):
     ("garbage.parquet", b"not a parquet file at all", r"sources.0.path: .*garbage.parquet: cannot be read as parquet"),
     ("table.jsonl", b"a,b\n1,2\n", r"sources.0.path: .*table.jsonl: no line parses as a JSON record"),
     ("scalar.json", b'"just a string"', r"scalar.json: no line parses as a JSON record \(line 1: a JSON str, not an object\)"),
+    ("broken.json", b'[{"question": "q", "answer": "#### 1"},\n {"question": ]', r"broken.json: not a JSON array \(Expecting value at line 2, column 15\)"),
+    ("notes.txt", b"hello", r"sources.0.format: cannot tell the format of .*notes.txt from its suffix"),
 ])
 def test_a_file_that_does_not_parse_at_all_is_a_config_error(module_workspace, tmp_path, name, content, match):
     (tmp_path / name).write_bytes(content)
@@ -470,12 +476,24 @@ def test_a_file_that_does_not_parse_at_all_is_a_config_error(module_workspace, t
         _run(curate.GSM8KSource(path=str(tmp_path / name)))
 
 
+def test_paths_expand_home_and_environment_variables(module_workspace, tmp_path, monkeypatch):
+    _jsonl(tmp_path / "data.jsonl", _gsm8k_rows(20))
+    monkeypatch.delenv("UFO_TEST_DATA", raising=False)
+    source = curate.GSM8KSource(path="${UFO_TEST_DATA}/data.jsonl", val_fraction=0.2)
+    with pytest.raises(ConfigError, match="sources.0.path: .* uses the environment variable UFO_TEST_DATA, which is "
+                                          "not set"):
+        _run(source)
+    monkeypatch.setenv("UFO_TEST_DATA", str(tmp_path))
+    assert _run(source).metrics["data/kept_rows"] == 20
+    with pytest.raises(ConfigError, match=f"sources.0.path: {tmp_path} is a folder; name its files"):
+        _run(curate.GSM8KSource(path=str(tmp_path)))
+
+
 @pytest.mark.parametrize(("source", "error"), [
     ({"kind": "gsm8k"}, "give exactly one of `hf`"),
     ({"kind": "gsm8k", "hf": "openai/gsm8k"}, "revision: a hub dataset needs the 40-hex commit sha"),
     ({"kind": "gsm8k", "hf": "openai/gsm8k", "revision": "main"}, "got 'main'"),
     ({"kind": "gsm8k", "path": "a.jsonl", "revision": "0" * 40}, "revision: only for hub datasets"),
-    ({"kind": "gsm8k", "path": "a.txt"}, "format: cannot tell the format of 'a.txt'"),
     ({"kind": "gsm8k", "path": "a.jsonl", "role": "eval", "val_fraction": 0.1}, "val_fraction: an eval source"),
     ({"kind": "generic", "path": "a.csv", "question": "no fields", "answer": "a"}, "name columns in braces"),
     ({"kind": "generic", "path": "a.csv", "question": "{q}", "answer": "a", "answer_regex": "("}, "not a valid regex"),

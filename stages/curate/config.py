@@ -91,8 +91,9 @@ class _DataSource(StrictModel):
     cache_dir: str | None = None
     """The `datasets` cache to read and fill; None = HF_DATASETS_CACHE (~/.cache/huggingface/datasets)."""
     path: str | list[str] | None = None
-    """Local file(s) or glob(s), read through `datasets`. jsonl is read line by line (a bad line is
-    quarantined with its line number, the rest kept); a JSON array is parsed whole in memory."""
+    """Local file(s) or glob(s), read through `datasets`; `~` and environment variables are expanded, so
+    a shared config can say `${UFO_DATA}/gsm8k/train.jsonl`. jsonl is read line by line (a bad line is
+    quarantined with its line number, the rest kept); a JSON array is decoded whole (~2x its size in memory)."""
     format: FileFormat | None = None
     """Format of `path`; None = from the suffix (.jsonl/.ndjson, .json, .parquet, .csv, .arrow)."""
     role: Literal["train", "eval"] = "train"
@@ -127,11 +128,6 @@ class _DataSource(StrictModel):
             for field in ("config", "revision", "cache_dir"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"{field}: only for hub datasets (`hf`), not for `path`")
-            if self.format is None:
-                for p in self.paths:
-                    if PurePath(p).suffix.lower() not in SUFFIX_FORMATS:
-                        raise ValueError(f"format: cannot tell the format of {p!r} from its suffix; "
-                                         f"set format to one of {sorted(set(SUFFIX_FORMATS.values()))}")
         if self.role == "eval":
             for field in ("val_fraction", "test_fraction"):
                 if field in self.model_fields_set:
@@ -142,8 +138,9 @@ class _DataSource(StrictModel):
     def paths(self) -> list[str]:
         return [] if self.path is None else [self.path] if isinstance(self.path, str) else list(self.path)
 
-    def file_format(self, path: str) -> FileFormat:
-        return self.format or SUFFIX_FORMATS[PurePath(path).suffix.lower()]
+    def file_format(self, path: str) -> FileFormat | None:
+        """`format`, else the one the file's suffix names; None when neither says."""
+        return self.format or SUFFIX_FORMATS.get(PurePath(path).suffix.lower())
 
     def default_name(self) -> str:
         return self.kind  # type: ignore[attr-defined]

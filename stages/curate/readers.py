@@ -269,21 +269,35 @@ def _parse_chunks(batch: dict, *, ctx: RowContext, path: str, file: str, line_ba
     return _columns(rows)
 
 
-def json_array_as_lines(path: Path, workdir: Path) -> Path:
-    """A JSON array file re-laid as one record per line (surrogateescape keeps any invalid UTF-8 bytes as
-    they were, so the line road quarantines exactly those records). The array is parsed whole in memory."""
-    raw = path.read_bytes()
-    try:
-        records = json.loads(raw.decode("utf-8", "surrogateescape"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not a JSON file ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    if not isinstance(records, list):
-        raise ConfigError(f"{path}: a .json source must be a JSON array of records (or JSON lines), "
-                          f"got a JSON {type(records).__name__}")
+_SPACE = re.compile(r"\s*")
+
+
+def json_array_as_lines(path: Path, workdir: Path, where: str) -> Path:
+    """A JSON array file (e.g. MetaMathQA-395K.json) re-laid as one record per line, decoded element by
+    element (the file's text is held once, never a list of all records). surrogateescape keeps invalid
+    UTF-8 bytes as they were, so the line road quarantines exactly the records holding them. A syntax
+    error in the array itself means the file does not parse: a ConfigError naming line and column."""
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    decoder = json.JSONDecoder()
     out = workdir / f"{uuid.uuid4().hex}.jsonl"
-    with open(out, "w", encoding="utf-8", errors="surrogateescape") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    try:
+        i = _SPACE.match(text).end()
+        if text[i:i + 1] != "[":
+            raise json.JSONDecodeError("expected '[' (a .json source is a JSON array of records, or JSON lines)",
+                                       text, i)
+        i = _SPACE.match(text, i + 1).end()
+        with open(out, "w", encoding="utf-8", errors="surrogateescape") as f:
+            while text[i:i + 1] != "]":
+                record, i = decoder.raw_decode(text, i)
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                i = _SPACE.match(text, i).end()
+                if text[i:i + 1] == ",":
+                    i = _SPACE.match(text, i + 1).end()
+                elif text[i:i + 1] != "]":
+                    raise json.JSONDecodeError("expected ',' or ']'", text, i)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}.path: {path}: not a JSON array ({err.msg} at line {err.lineno}, column "
+                          f"{err.colno})") from None
     return out
 
 
@@ -384,16 +398,30 @@ def _map(ds: datasets.Dataset, fn, *, num_proc: int, workdir: Path, desc: str, *
         datasets.disable_progress_bars()
 
 
+_ENV_VAR = re.compile(r"\$(\w+|\{\w+\})")
+
+
 def resolve_paths(src: DataSource, where: str) -> list[Path]:
+    """The files a `path:` source names: `~` and $VARS expanded, globs matched (sorted), each checked to
+    be a readable file in a known format; anything else is a ConfigError naming the path."""
     files: list[Path] = []
-    for pattern in src.paths:
-        matches = sorted(glob.glob(os.path.expanduser(pattern))) if glob.has_magic(pattern) else [pattern]
+    for given in src.paths:
+        pattern = os.path.expandvars(os.path.expanduser(given))
+        if unset := _ENV_VAR.findall(pattern):
+            raise ConfigError(f"{where}.path: {given!r} uses the environment variable {unset[0].strip('{}')}, "
+                              "which is not set")
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise ConfigError(f"{where}.path: {pattern!r} matches no file")
         for m in matches:
-            p = Path(os.path.expanduser(m))
+            p = Path(m)
+            if p.is_dir():
+                raise ConfigError(f"{where}.path: {p} is a folder; name its files (e.g. {p}/*.jsonl)")
             if not p.is_file():
                 raise ConfigError(f"{where}.path: {p}: no such file")
+            if src.file_format(str(p)) is None:
+                raise ConfigError(f"{where}.format: cannot tell the format of {p} from its suffix; set format to "
+                                  "one of jsonl, json, parquet, csv, arrow")
             files.append(p)
     return files
 
@@ -404,7 +432,7 @@ def read_file(src: DataSource, path: Path, ctx: RowContext, config: Config, work
     if fmt in ("jsonl", "json"):
         line_based = True
         if fmt == "json" and _first_char(path) == b"[":
-            line_based, lines_path = False, json_array_as_lines(path, workdir)
+            line_based, lines_path = False, json_array_as_lines(path, workdir, where)
         else:
             lines_path = path
         plan = plan_chunks(lines_path, src.max_rows)

@@ -341,11 +341,12 @@ def curate(config: Config, ctx: StageContext) -> Output:
             read = read_source(src, i, config, index if index.keys else None, workdir)
         train_reads.append(read)
         log.info("source %s: %d records in %.1f s", read.name, len(read.rows), time.perf_counter() - t0)
-    train = pa.concat_tables([_table(r.rows) for r in train_reads]).combine_chunks() \
-        if len(train_reads) > 1 else _table(train_reads[0].rows)
+    train = pa.concat_tables([_table(r.rows) for r in train_reads])
     if config.verify_answers:
         train = check_answers(train, num_proc)
+    t0 = time.perf_counter()
     final, duplicate_of = classify(train, decontaminate=True)
+    log.info("decontamination and dedup of %d rows: %.1f s", len(train), time.perf_counter() - t0)
 
     # 5. Write everything to the scratch folder, check the accounting, then log.
     out = ctx.workdir / "out"
@@ -357,7 +358,9 @@ def curate(config: Config, ctx: StageContext) -> Output:
     for s in ("train", "val"):
         if s not in present:
             raise ConfigError(f"sources: the {s} split is empty (no train-role row was kept for it; see the manifest)")
+    t0 = time.perf_counter()
     split_rows = write_splits(train, final, columns, {s: out / f"{s}.parquet" for s in present})
+    log.info("wrote splits %s in %.1f s", split_rows, time.perf_counter() - t0)
 
     eval_files: dict[str, tuple[Path, pa.Schema, int]] = {}
     dup_tables, contam = [duplicates_table(train, final, duplicate_of)], contamination_table(train, final,
@@ -384,6 +387,7 @@ def curate(config: Config, ctx: StageContext) -> Output:
     report = {src.name if isinstance(src, MultiplicationSource) else src.source_name:
               report[src.name if isinstance(src, MultiplicationSource) else src.source_name] for src in config.sources}
 
+    t0 = time.perf_counter()
     artifacts: dict[str, ArtifactRef] = {}
     manifest: dict[str, Any] = {"seed": config.seed, "sources": report, "splits": {}, "eval_sets": {}}
     for s in present:
@@ -419,6 +423,7 @@ def curate(config: Config, ctx: StageContext) -> Output:
     mpath = out / "manifest.json"
     mpath.write_text(json.dumps(manifest, indent=2, sort_keys=False))
     artifacts["manifest"] = log_artifact(mpath, "data")
+    log.info("tables, manifest and MLflow logging: %.1f s", time.perf_counter() - t0)
 
     seconds = time.perf_counter() - t_start
     metrics = {f"data/{s}_rows": float(split_rows[s]) for s in present}
