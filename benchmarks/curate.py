@@ -97,6 +97,12 @@ def generate(path: Path, rows: int, data: Path, seed: int = 0) -> dict[str, int]
     return {"planted_eval": 400, "exact_duplicates": n_exact, "normalised_duplicates": n_norm}
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the datasets.map workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=400_000)
@@ -125,9 +131,11 @@ def main() -> None:
             curate.GSM8KSource(path=str(data / "gsm8k" / "test.jsonl"), role="eval"),
             curate.MATHSource(path=str(data / "math500" / "test.jsonl"), role="eval", name="math500"),
         ])
+        cpu0 = _cpu_seconds()
         t0 = time.perf_counter()
         out = curate.run(config)
         seconds = time.perf_counter() - t0
+        cpu = _cpu_seconds() - cpu0
         m = out.metrics
         read = int(m["data/read_rows"])
         print(f"kept {m['data/kept_rows']:.0f} (train {m['data/train_rows']:.0f}, val {m['data/val_rows']:.0f}), "
@@ -141,7 +149,8 @@ def main() -> None:
             sys.exit("error: fewer duplicates removed than planted")
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"peak RSS of the largest datasets.map worker: {workers:.0f} MiB")
+        print(f"CPU time of the run (stage process and its workers): {cpu:.1f} s; peak RSS of the largest "
+              f"datasets.map worker: {workers:.0f} MiB")
         print(f"curated {read} rows in {seconds:.1f} s, {read / seconds:.0f} rows/s, peak RSS {own:.0f} MiB")
 
 

@@ -158,6 +158,7 @@ def test_splits_are_logged_as_mlflow_inputs_with_full_content_digests(synthetic)
         tags = {t.key: t.value for t in d.tags}
         assert tags["ufo.sha256"] == synthetic.artifact(split).sha256
         assert d.dataset.digest == synthetic.artifact(split).sha256[:32]
+        assert json.loads(d.dataset.source) == {"uri": synthetic.artifact(split).uri}
     assert {t.key: t.value for t in inputs["val"].tags}["ufo.rows"] == "720"
 
 
@@ -184,6 +185,10 @@ def test_gsm8k_and_math500_curate_with_every_row_accounted_for(module_workspace,
     _check_accounting(manifest)
     assert set(out.eval_sets()) == {"gsm8k", "math500"}
     assert manifest["eval_sets"]["gsm8k"]["artifact"] == "eval/gsm8k"
+    inputs = mlflow.MlflowClient().get_run(out.run_id).inputs.dataset_inputs
+    assert {d.dataset.name: d.dataset.digest for d in inputs} == {
+        "train": out.artifact("train").sha256[:32], "val": out.artifact("val").sha256[:32],
+        "eval/gsm8k": out.artifact("eval/gsm8k").sha256[:32], "eval/math500": out.artifact("eval/math500").sha256[:32]}
     assert manifest["sources"]["gsm8k"]["read"] == 1319 and manifest["sources"]["math500"]["read"] == 500
     assert manifest["sources"]["gsm8k-train"]["read"] == 7473
 
@@ -302,6 +307,8 @@ def test_generic_mapping_curates_an_unseen_shape(module_workspace, tmp_path):
             w.writerow([f"A farmer keeps {i + 2} hens; each lays 2 eggs.", "How many eggs a day?",
                         f"Result: {2 * (i + 2)} eggs (checked)", "x"])
         w.writerow(["A passage.", "A question with no result?", "nobody knows", "x"])
+    with open(path, "ab") as f:
+        f.write(b"A farmer keeps \xff hens.,How many eggs?,Result: 7 eggs,x\r\n")
     out = _run(curate.GenericSource(path=str(path), question="{passage}\n\n{ask}", answer="verdict",
                                     answer_regex=r"Result:\s*(-?\d+)", val_fraction=0.2))
     both = pd.concat([_frame(out, "train", tmp_path), _frame(out, "val", tmp_path)])
@@ -310,7 +317,8 @@ def test_generic_mapping_curates_an_unseen_shape(module_workspace, tmp_path):
         (f"A farmer keeps {i + 2} hens; each lays 2 eggs.\n\nHow many eggs a day?", str(2 * (i + 2)))
         for i in range(30)}
     q = _frame(out, "quarantine", tmp_path)
-    assert list(q.reason) == ["unparseable_answer"] and q.row.tolist() == [30] and q.file.tolist() == [str(path)]
+    assert list(q.reason) == ["unparseable_answer", "invalid_utf8"] and q.row.tolist() == [30, 31]
+    assert set(q.file) == {str(path)}
 
 
 def _cached_hub_dataset(cache: Path, repo: str, commit: str, records: list[dict]) -> None:
@@ -347,6 +355,7 @@ def test_hub_dataset_from_the_offline_cache_at_its_pinned_revision(module_worksp
     assert sorted(got.answer.astype(int)) == [2 * i for i in range(25)]
     assert set(got.level) == {2} and set(got.subject) == {"Algebra"}
     origin = _manifest(out, tmp_path)["eval_sets"]["tiny"]["origin"]
+    assert out.eval_sets().keys() == {"test", "tiny"}
     assert origin["revision"] == commit and commit in origin["cache_files"][0]
 
     with pytest.raises(ConfigError, match="sources.1.revision: .* not the pinned commit f{40}"):

@@ -444,11 +444,12 @@ def read_file(src: DataSource, path: Path, ctx: RowContext, config: Config, work
         rows = _map(chunks, _parse_chunks, num_proc=n, workdir=workdir, batch_size=1,
                     desc=f"curate {ctx.source}: {path.name}",
                     fn_kwargs={"ctx": ctx, "path": str(lines_path), "file": str(path), "line_based": line_based})
-        if len(rows) and all(r in (schemas.NOT_JSON, schemas.INVALID_UTF8) for r in rows.unique("reason")) \
-                and "ok" not in rows.unique("status") and "filtered" not in rows.unique("status"):
+        # Quarantine is for bad rows of a good file; a file none of whose lines is JSON is the wrong file.
+        if len(rows) and set(rows.unique("reason")) <= {schemas.NOT_JSON, schemas.INVALID_UTF8}:
             first = rows[0]
-            raise ConfigError(f"{where}.path: {path}: no line parses as a JSON record (line {first['line']}: "
-                              f"{first['detail']}); is it really {fmt}?")
+            at = f"line {first['line']}" if first["line"] is not None else f"record {first['row']}"
+            raise ConfigError(f"{where}.path: {path}: no line parses as a JSON record ({at}: {first['detail']}); "
+                              f"is it really {fmt}?")
         return rows
     kwargs: dict = {}
     if fmt == "csv":

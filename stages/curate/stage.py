@@ -228,18 +228,41 @@ def _output_columns(table: pa.Table, kept: np.ndarray) -> list[str]:
 # MLflow dataset inputs
 
 
-def _dataset_source(uri: str):
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+def _run_artifact_source(uri: str):
+    """An MLflow dataset source naming a run artifact by its `runs:/` URI, the address every stage uses
+    (MLflow registers no source type for `runs:/` or `mlflow-artifacts:/` URIs)."""
+    from mlflow.data.dataset_source import DatasetSource
 
-    try:
-        return resolve_dataset_source(uri)
-    except Exception:  # e.g. mlflow-artifacts:/ URIs have no registered resolver
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
+    class RunArtifactSource(DatasetSource):
+        def __init__(self, uri: str):
+            self.uri = uri
 
-        return HTTPDatasetSource(url=uri)
+        @staticmethod
+        def _get_source_type() -> str:
+            return "mlflow_run_artifact"
+
+        def load(self, dst_path: str | None = None) -> str:
+            return mlflow.artifacts.download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return isinstance(raw_source, str) and raw_source.startswith("runs:/")
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> RunArtifactSource:
+            return cls(raw_source)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> RunArtifactSource:
+            return cls(source_dict["uri"])
+
+    return RunArtifactSource(uri)
 
 
-def log_input(name: str, ref: ArtifactRef, artifact_path: str, schema: pa.Schema, rows: int, context: str) -> None:
+def log_input(name: str, ref: ArtifactRef, schema: pa.Schema, rows: int, context: str) -> None:
     """`mlflow.log_input` with OUR digest: MLflow's own hashes only the first 10,000 rows. Its digest
     field holds 36 characters, so it gets the first 32 hex digits of the file's sha256 (the whole
     content); the full sha256 and the row count go in the input's tags."""
@@ -248,8 +271,7 @@ def log_input(name: str, ref: ArtifactRef, artifact_path: str, schema: pa.Schema
 
     types = {pa.string(): DataType.string, pa.large_string(): DataType.string, pa.int64(): DataType.long}
     mlflow_schema = Schema([ColSpec(types.get(f.type, DataType.string), f.name) for f in schema])
-    dataset = MetaDataset(_dataset_source(mlflow.get_artifact_uri(artifact_path)), name=name,
-                          digest=ref.sha256[:32], schema=mlflow_schema)
+    dataset = MetaDataset(_run_artifact_source(ref.uri), name=name, digest=ref.sha256[:32], schema=mlflow_schema)
     mlflow.log_input(dataset, context=context, tags={"ufo.sha256": ref.sha256, "ufo.rows": str(rows)})
 
 
@@ -393,14 +415,14 @@ def curate(config: Config, ctx: StageContext) -> Output:
     for s in present:
         path = out / f"{s}.parquet"
         artifacts[s] = log_artifact(path, "data")
-        log_input(s, artifacts[s], f"data/{path.name}", pq.read_schema(path), split_rows[s],
+        log_input(s, artifacts[s], pq.read_schema(path), split_rows[s],
                   "training" if s == "train" else "validation" if s == "val" else "testing")
         by_source = _counts(train_sources[kept & (split_col == s)])
         manifest["splits"][s] = {"rows": split_rows[s], "sha256": artifacts[s].sha256, "columns":
                                  pq.read_schema(path).names, "by_source": by_source}
     for name, (path, schema, rows) in eval_files.items():
         ref = artifacts[EVAL_SET_PREFIX + name] = log_artifact(path, "data/eval")
-        log_input(EVAL_SET_PREFIX + name, ref, f"data/eval/{path.name}", schema, rows, "evaluation")
+        log_input(EVAL_SET_PREFIX + name, ref, schema, rows, "evaluation")
         manifest["eval_sets"][name] = {"artifact": EVAL_SET_PREFIX + name, "rows": rows, "sha256": ref.sha256,
                                        "columns": schema.names, "origin": report[name]["origin"]}
     for name, table in (("quarantine", quarantine), ("duplicates", duplicates), ("decontamination", contam)):
