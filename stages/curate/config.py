@@ -66,6 +66,10 @@ class MultiplicationSource(StrictModel):
         return "multiplication"
 
     @property
+    def source_name(self) -> str:
+        return self.name
+
+    @property
     def role(self) -> str:
         return "train"
 
@@ -247,7 +251,7 @@ class Config(StageConfig):
     def _check(self) -> Config:
         seen: dict[str, int] = {}
         for i, src in enumerate(self.sources):
-            name = src.name if isinstance(src, MultiplicationSource) else src.source_name
+            name = src.source_name
             if name in seen:
                 raise ValueError(f"sources.{i}.name: {name!r} is already the name of sources.{seen[name]}; "
                                  f"give each source a distinct `name` (e.g. name: {name}-{src.role})")

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ _PLAIN_NUMBER = r"^-?[0-9]+(\.[0-9]+)?$"
 
 QUARANTINE_COLUMNS = ["source", "file", "line", "row", "reason", "detail", "excerpt"]
 DUPLICATE_COLUMNS = ["id", "source", "file", "line", "row", "question", "kind", "duplicate_of", "duplicate_of_source"]
+SPLIT_CONTEXT = {"train": "training", "val": "validation", "test": "testing"}
 CONTAMINATION_COLUMNS = ["id", "source", "file", "line", "row", "split", "question", "match", "eval_set", "eval_id",
                          "eval_question", "ngram"]
 
@@ -284,180 +287,12 @@ def _counts(values: np.ndarray) -> dict[str, int]:
     return {str(k): int(c) for k, c in zip(keys, counts, strict=True)}
 
 
-def _value_counts(table: pa.Table, mask: np.ndarray, column: str) -> dict[str, int]:
-    col = table[column].filter(pa.array(mask))
+def _value_counts(table: pa.Table, column: str, mask: np.ndarray | None = None) -> dict[str, int]:
+    col = table[column] if mask is None else table[column].filter(pa.array(mask))
     if len(col) == 0:
         return {}
     vc = pc.value_counts(col)
     return dict(sorted(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True)))
-
-
-def _source_report(name: str, read: SourceRead, table: pa.Table, final: np.ndarray, sources: np.ndarray) -> dict:
-    mine = sources == name
-    counts = {k: int(np.sum(mine & (final == k))) for k in (KEPT, QUARANTINED, DEDUPLICATED, DECONTAMINATED,
-                                                           FILTERED)}
-    n_read = int(np.sum(mine)) - counts[FILTERED]
-    if counts[KEPT] + counts[QUARANTINED] + counts[DEDUPLICATED] + counts[DECONTAMINATED] != n_read:
-        raise AssertionError(f"curate accounting broke for source {name}: {counts} vs read {n_read}")
-    split = table["split"].to_numpy(zero_copy_only=False)
-    return {
-        "role": read.role, "origin": read.origin, "rows_in": n_read + counts[FILTERED],
-        "filtered_out": counts[FILTERED], "read": n_read, "kept": counts[KEPT], "quarantined": counts[QUARANTINED],
-        "deduplicated": counts[DEDUPLICATED], "decontaminated": counts[DECONTAMINATED],
-        "quarantined_by_reason": _value_counts(table, mine & (final == QUARANTINED), "reason"),
-        "deduplicated_by_kind": {},  # filled from the duplicates table
-        "decontaminated_by_eval_set": _value_counts(table, mine & (final == DECONTAMINATED), "contam_set"),
-        "kept_by_split": _counts(split[mine & (final == KEPT)]),
-    }
-
-
-def _num_proc(config: Config) -> int:
-    import os
-
-    return config.num_proc or min(os.cpu_count() or 1, 8)
-
-
-def curate(config: Config, ctx: StageContext) -> Output:
-    t_start = time.perf_counter()
-    datasets.disable_progress_bars()
-    workdir = ctx.workdir / "work"
-    workdir.mkdir()
-    num_proc = _num_proc(config)
-    n = config.decontamination_ngram
-
-    # 1-3. Eval sources first: the train rows are checked against them while they are read.
-    eval_reads: list[SourceRead] = []
-    eval_tables: list[tuple[pa.Table, np.ndarray, np.ndarray]] = []
-    index = EvalIndex(n=n)
-    eval_questions: dict[str, str] = {}
-    for i, src in enumerate(config.sources):
-        if src.role != "eval":
-            continue
-        t0 = time.perf_counter()
-        read = read_source(src, i, config, None, workdir)
-        table = _table(read.rows)
-        if config.verify_answers:
-            table = check_answers(table, num_proc)
-        final, duplicate_of = classify(table, decontaminate=False)
-        kept = np.flatnonzero(final == KEPT)
-        if len(kept) == 0:
-            raise ConfigError(f"sources.{i}: eval source {read.name!r} has no usable row (see the quarantine table)")
-        for rid, key, q in zip(*(table[c].take(pa.array(kept)).to_pylist() for c in ("id", "key", "question")),
-                               strict=True):
-            index.add(read.name, rid, key)
-            eval_questions[rid] = q
-        eval_reads.append(read)
-        eval_tables.append((table, final, duplicate_of))
-        log.info("eval set %s: %d rows read, %d kept (%.1f s)", read.name, int(np.sum(final != FILTERED)),
-                 len(kept), time.perf_counter() - t0)
-
-    # 4. Train sources, decontaminated against the eval index as they are read.
-    train_reads: list[SourceRead] = []
-    for i, src in enumerate(config.sources):
-        if src.role != "train":
-            continue
-        t0 = time.perf_counter()
-        if isinstance(src, MultiplicationSource):
-            read = multiplication_rows(src, config.seed, index if index.keys else None)
-        else:
-            read = read_source(src, i, config, index if index.keys else None, workdir)
-        train_reads.append(read)
-        log.info("source %s: %d records in %.1f s", read.name, len(read.rows), time.perf_counter() - t0)
-    train = pa.concat_tables([_table(r.rows) for r in train_reads])
-    if config.verify_answers:
-        train = check_answers(train, num_proc)
-    t0 = time.perf_counter()
-    final, duplicate_of = classify(train, decontaminate=True)
-    log.info("decontamination and dedup of %d rows: %.1f s", len(train), time.perf_counter() - t0)
-
-    # 5. Write everything to the scratch folder, check the accounting, then log.
-    out = ctx.workdir / "out"
-    (out / "eval").mkdir(parents=True)
-    kept = final == KEPT
-    columns = _output_columns(train, kept)
-    split_col = train["split"].to_numpy(zero_copy_only=False)
-    present = [s for s in SPLITS if np.any(kept & (split_col == s))]
-    for s in ("train", "val"):
-        if s not in present:
-            raise ConfigError(f"sources: the {s} split is empty (no train-role row was kept for it; see the manifest)")
-    t0 = time.perf_counter()
-    split_rows = write_splits(train, final, columns, {s: out / f"{s}.parquet" for s in present})
-    log.info("wrote splits %s in %.1f s", split_rows, time.perf_counter() - t0)
-
-    eval_files: dict[str, tuple[Path, pa.Schema, int]] = {}
-    dup_tables, contam = [duplicates_table(train, final, duplicate_of)], contamination_table(train, final,
-                                                                                               eval_questions)
-    quarantine_parts = [_take(train, final == QUARANTINED, QUARANTINE_COLUMNS)]
-    report: dict[str, dict] = {}
-    train_sources = train["source"].to_numpy(zero_copy_only=False)
-    for read in train_reads:
-        report[read.name] = _source_report(read.name, read, train, final, train_sources)
-    for read, (table, efinal, edup) in zip(eval_reads, eval_tables, strict=True):
-        ekept = efinal == KEPT
-        ecols = _output_columns(table, ekept)
-        path = out / "eval" / f"{read.name}.parquet"
-        _write_table(_take(table, ekept, ecols), path)
-        eval_files[read.name] = (path, table.select(ecols).schema, int(ekept.sum()))
-        dup_tables.append(duplicates_table(table, efinal, edup))
-        quarantine_parts.append(_take(table, efinal == QUARANTINED, QUARANTINE_COLUMNS))
-        report[read.name] = _source_report(read.name, read, table, efinal,
-                                           table["source"].to_numpy(zero_copy_only=False))
-    duplicates = pa.concat_tables(dup_tables)
-    quarantine = pa.concat_tables(quarantine_parts)
-    for name, by_kind in _group_counts(duplicates, "source", "kind").items():
-        report[name]["deduplicated_by_kind"] = by_kind
-    report = {src.name if isinstance(src, MultiplicationSource) else src.source_name:
-              report[src.name if isinstance(src, MultiplicationSource) else src.source_name] for src in config.sources}
-
-    t0 = time.perf_counter()
-    artifacts: dict[str, ArtifactRef] = {}
-    manifest: dict[str, Any] = {"seed": config.seed, "sources": report, "splits": {}, "eval_sets": {}}
-    for s in present:
-        path = out / f"{s}.parquet"
-        artifacts[s] = log_artifact(path, "data")
-        log_input(s, artifacts[s], pq.read_schema(path), split_rows[s],
-                  "training" if s == "train" else "validation" if s == "val" else "testing")
-        by_source = _counts(train_sources[kept & (split_col == s)])
-        manifest["splits"][s] = {"rows": split_rows[s], "sha256": artifacts[s].sha256, "columns":
-                                 pq.read_schema(path).names, "by_source": by_source}
-    for name, (path, schema, rows) in eval_files.items():
-        ref = artifacts[EVAL_SET_PREFIX + name] = log_artifact(path, "data/eval")
-        log_input(EVAL_SET_PREFIX + name, ref, schema, rows, "evaluation")
-        manifest["eval_sets"][name] = {"artifact": EVAL_SET_PREFIX + name, "rows": rows, "sha256": ref.sha256,
-                                       "columns": schema.names, "origin": report[name]["origin"]}
-    for name, table in (("quarantine", quarantine), ("duplicates", duplicates), ("decontamination", contam)):
-        artifacts[name] = log_artifact(_write_table(table, out / f"{name}.parquet"), "data")
-    totals = {k: sum(r[k] for r in report.values()) for k in ("read", "kept", "quarantined", "deduplicated",
-                                                               "decontaminated", "filtered_out")}
-    manifest["totals"] = totals
-    manifest["quarantine"] = {"rows": len(quarantine), "sha256": artifacts["quarantine"].sha256,
-                              "by_reason": _value_counts(quarantine, np.ones(len(quarantine), bool), "reason"),
-                              "reasons": list(schemas.REASONS)}
-    manifest["duplicates"] = {"rows": len(duplicates), "sha256": artifacts["duplicates"].sha256,
-                              "by_kind": _value_counts(duplicates, np.ones(len(duplicates), bool), "kind")}
-    manifest["decontamination"] = {
-        "ngram": n, "eval_sets": list(eval_files), "rows": len(contam), "sha256": artifacts["decontamination"].sha256,
-        "by_match": _value_counts(contam, np.ones(len(contam), bool), "match"),
-        "by_eval_set": _value_counts(contam, np.ones(len(contam), bool), "eval_set")}
-    manifest["checks"] = {"max_question_chars": config.max_question_chars,
-                          "max_question_tokens": config.max_question_tokens, "tokenizer": config.tokenizer,
-                          "verify_answers": config.verify_answers}
-    mpath = out / "manifest.json"
-    mpath.write_text(json.dumps(manifest, indent=2, sort_keys=False))
-    artifacts["manifest"] = log_artifact(mpath, "data")
-    log.info("tables, manifest and MLflow logging: %.1f s", time.perf_counter() - t0)
-
-    seconds = time.perf_counter() - t_start
-    metrics = {f"data/{s}_rows": float(split_rows[s]) for s in present}
-    metrics |= {f"data/eval/{name}_rows": float(rows) for name, (_, _, rows) in eval_files.items()}
-    metrics |= {f"data/{k}_rows": float(v) for k, v in totals.items()}
-    metrics |= {"perf/curate_seconds": seconds, "perf/rows_per_second": totals["read"] / max(seconds, 1e-9)}
-    mlflow.log_metrics(metrics)
-    log.info("curated %d rows in %.1f s: splits %s, eval sets %s, quarantined %d, deduplicated %d, "
-             "decontaminated %d", totals["read"], seconds, {s: split_rows[s] for s in present},
-             {k: v[2] for k, v in eval_files.items()}, totals["quarantined"], totals["deduplicated"],
-             totals["decontaminated"])
-    return Output(run_id=ctx.run_id, artifacts=artifacts, metrics=metrics)
 
 
 def _group_counts(table: pa.Table, by: str, column: str) -> dict[str, dict[str, int]]:
@@ -466,3 +301,176 @@ def _group_counts(table: pa.Table, by: str, column: str) -> dict[str, dict[str, 
     for r in table.group_by([by, column]).aggregate([([], "count_all")]).to_pylist():
         out.setdefault(r[by], {})[r[column]] = r["count_all"]
     return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+
+@dataclass
+class Curated:
+    """Sources of one role after every check: their rows, each row's final status, and for each
+    duplicate the index of the row it duplicates."""
+
+    reads: list[SourceRead]
+    table: pa.Table
+    final: np.ndarray
+    duplicate_of: np.ndarray
+
+    def report(self, name: str) -> dict:
+        """One source's accounting; kept + quarantined + deduplicated + decontaminated = read, or it raises."""
+        read = next(r for r in self.reads if r.name == name)
+        mine = self.table["source"].to_numpy(zero_copy_only=False) == name
+        n = {k: int(np.sum(mine & (self.final == k))) for k in (KEPT, QUARANTINED, DEDUPLICATED, DECONTAMINATED,
+                                                                FILTERED)}
+        n_read = int(np.sum(mine)) - n[FILTERED]
+        if n[KEPT] + n[QUARANTINED] + n[DEDUPLICATED] + n[DECONTAMINATED] != n_read:
+            raise AssertionError(f"curate accounting broke for source {name}: {n} vs {n_read} read")
+        split = self.table["split"].to_numpy(zero_copy_only=False)
+        return {
+            "role": read.role, "origin": read.origin, "rows_in": n_read + n[FILTERED], "filtered_out": n[FILTERED],
+            "read": n_read, "kept": n[KEPT], "quarantined": n[QUARANTINED], "deduplicated": n[DEDUPLICATED],
+            "decontaminated": n[DECONTAMINATED],
+            "quarantined_by_reason": _value_counts(self.table, "reason", mine & (self.final == QUARANTINED)),
+            "deduplicated_by_kind": {},  # filled in from the duplicates table
+            "decontaminated_by_eval_set": _value_counts(self.table, "contam_set",
+                                                        mine & (self.final == DECONTAMINATED)),
+            "kept_by_split": _counts(split[mine & (self.final == KEPT)]),
+        }
+
+
+def _num_proc(config: Config) -> int:
+    return config.num_proc or min(os.cpu_count() or 1, 8)
+
+
+def curate_eval_sets(config: Config, workdir: Path) -> tuple[list[Curated], EvalIndex, dict[str, str]]:
+    """Each `eval` source read, answer-checked and deduplicated within itself; the index of its kept rows
+    (what train rows are decontaminated against) and their questions by id."""
+    index, questions, sets = EvalIndex(n=config.decontamination_ngram), {}, []
+    for i, src in enumerate(config.sources):
+        if src.role != "eval":
+            continue
+        t0 = time.perf_counter()
+        read = read_source(src, i, config, None, workdir)
+        table = _table(read.rows)
+        if config.verify_answers:
+            table = check_answers(table, _num_proc(config))
+        final, duplicate_of = classify(table, decontaminate=False)
+        kept = np.flatnonzero(final == KEPT)
+        if len(kept) == 0:
+            raise ConfigError(f"sources.{i}: eval source {read.name!r} has no usable row (see the quarantine table)")
+        for rid, key, q in zip(*(table[c].take(pa.array(kept)).to_pylist() for c in ("id", "key", "question")),
+                               strict=True):
+            index.add(read.name, rid, key)
+            questions[rid] = q
+        sets.append(Curated([read], table, final, duplicate_of))
+        log.info("eval set %s: %d rows read, %d kept (%.1f s)", read.name, int(np.sum(final != FILTERED)),
+                 len(kept), time.perf_counter() - t0)
+    return sets, index, questions
+
+
+def curate_train_pool(config: Config, index: EvalIndex, workdir: Path) -> Curated:
+    """Every `train` source read (and checked against the eval index as it is read), answer-checked,
+    decontaminated and deduplicated within and across sources."""
+    reads = []
+    for i, src in enumerate(config.sources):
+        if src.role != "train":
+            continue
+        t0 = time.perf_counter()
+        eval_index = index if index.keys else None
+        if isinstance(src, MultiplicationSource):
+            reads.append(multiplication_rows(src, config.seed, eval_index))
+        else:
+            reads.append(read_source(src, i, config, eval_index, workdir))
+        log.info("source %s: %d records in %.1f s", reads[-1].name, len(reads[-1].rows), time.perf_counter() - t0)
+    table = pa.concat_tables([_table(r.rows) for r in reads])
+    if config.verify_answers:
+        table = check_answers(table, _num_proc(config))
+    t0 = time.perf_counter()
+    final, duplicate_of = classify(table, decontaminate=True)
+    log.info("decontamination and dedup of %d rows: %.1f s", len(table), time.perf_counter() - t0)
+    return Curated(reads, table, final, duplicate_of)
+
+
+def curate(config: Config, ctx: StageContext) -> Output:
+    t_start = time.perf_counter()
+    datasets.disable_progress_bars()
+    workdir, out = ctx.workdir / "work", ctx.workdir / "out"
+    workdir.mkdir()
+    (out / "eval").mkdir(parents=True)
+    eval_sets, index, eval_questions = curate_eval_sets(config, workdir)
+    pool = curate_train_pool(config, index, workdir)
+
+    # Every file is written (and the accounting checked) before anything is logged.
+    kept = pool.final == KEPT
+    split_col = pool.table["split"].to_numpy(zero_copy_only=False)
+    present = [s for s in SPLITS if np.any(kept & (split_col == s))]
+    for s in ("train", "val"):
+        if s not in present:
+            raise ConfigError(f"sources: the {s} split is empty (no train-role row was kept for it; see the manifest)")
+    t0 = time.perf_counter()
+    split_rows = write_splits(pool.table, pool.final, _output_columns(pool.table, kept),
+                              {s: out / f"{s}.parquet" for s in present})
+    log.info("wrote splits %s in %.1f s", split_rows, time.perf_counter() - t0)
+    eval_files: dict[str, tuple[Path, int]] = {}
+    for es in eval_sets:
+        ekept = es.final == KEPT
+        path = out / "eval" / f"{es.reads[0].name}.parquet"
+        _write_table(_take(es.table, ekept, _output_columns(es.table, ekept)), path)
+        eval_files[es.reads[0].name] = (path, int(ekept.sum()))
+    tables = {
+        "quarantine": pa.concat_tables([_take(c.table, c.final == QUARANTINED, QUARANTINE_COLUMNS)
+                                        for c in (pool, *eval_sets)]),
+        "duplicates": pa.concat_tables([duplicates_table(c.table, c.final, c.duplicate_of) for c in (pool, *eval_sets)]),
+        "decontamination": contamination_table(pool.table, pool.final, eval_questions),
+    }
+    report = {r.name: c.report(r.name) for c in (pool, *eval_sets) for r in c.reads}
+    for name, by_kind in _group_counts(tables["duplicates"], "source", "kind").items():
+        report[name]["deduplicated_by_kind"] = by_kind
+    report = {src.source_name: report[src.source_name] for src in config.sources}  # config order
+
+    t0 = time.perf_counter()
+    artifacts: dict[str, ArtifactRef] = {}
+    manifest: dict[str, Any] = {"seed": config.seed, "sources": report, "splits": {}, "eval_sets": {}}
+    train_sources = pool.table["source"].to_numpy(zero_copy_only=False)
+    for s in present:
+        path = out / f"{s}.parquet"
+        schema = pq.read_schema(path)
+        artifacts[s] = log_artifact(path, "data")
+        log_input(s, artifacts[s], schema, split_rows[s], SPLIT_CONTEXT[s])
+        manifest["splits"][s] = {"rows": split_rows[s], "sha256": artifacts[s].sha256, "columns": schema.names,
+                                 "by_source": _counts(train_sources[kept & (split_col == s)])}
+    for name, (path, rows) in eval_files.items():
+        schema = pq.read_schema(path)
+        ref = artifacts[EVAL_SET_PREFIX + name] = log_artifact(path, "data/eval")
+        log_input(EVAL_SET_PREFIX + name, ref, schema, rows, "evaluation")
+        manifest["eval_sets"][name] = {"artifact": EVAL_SET_PREFIX + name, "rows": rows, "sha256": ref.sha256,
+                                       "columns": schema.names, "origin": report[name]["origin"]}
+    for name, table in tables.items():
+        artifacts[name] = log_artifact(_write_table(table, out / f"{name}.parquet"), "data")
+    totals = {k: sum(r[k] for r in report.values()) for k in ("read", "kept", "quarantined", "deduplicated",
+                                                               "decontaminated", "filtered_out")}
+    manifest["totals"] = totals
+    manifest["quarantine"] = {"rows": len(tables["quarantine"]), "sha256": artifacts["quarantine"].sha256,
+                              "by_reason": _value_counts(tables["quarantine"], "reason"),
+                              "reasons": list(schemas.REASONS)}
+    manifest["duplicates"] = {"rows": len(tables["duplicates"]), "sha256": artifacts["duplicates"].sha256,
+                              "by_kind": _value_counts(tables["duplicates"], "kind")}
+    manifest["decontamination"] = {
+        "ngram": config.decontamination_ngram, "eval_sets": list(eval_files), "rows": len(tables["decontamination"]),
+        "sha256": artifacts["decontamination"].sha256, "by_match": _value_counts(tables["decontamination"], "match"),
+        "by_eval_set": _value_counts(tables["decontamination"], "eval_set")}
+    manifest["checks"] = {"max_question_chars": config.max_question_chars,
+                          "max_question_tokens": config.max_question_tokens, "tokenizer": config.tokenizer,
+                          "verify_answers": config.verify_answers}
+    mpath = out / "manifest.json"
+    mpath.write_text(json.dumps(manifest, indent=2))
+    artifacts["manifest"] = log_artifact(mpath, "data")
+    log.info("tables, manifest and MLflow logging: %.1f s", time.perf_counter() - t0)
+
+    seconds = time.perf_counter() - t_start
+    metrics = {f"data/{s}_rows": float(split_rows[s]) for s in present}
+    metrics |= {f"data/eval/{name}_rows": float(rows) for name, (_, rows) in eval_files.items()}
+    metrics |= {f"data/{k}_rows": float(v) for k, v in totals.items()}
+    metrics |= {"perf/curate_seconds": seconds, "perf/rows_per_second": totals["read"] / max(seconds, 1e-9)}
+    mlflow.log_metrics(metrics)
+    log.info("curated %d rows in %.1f s: splits %s, eval sets %s, quarantined %d, deduplicated %d, "
+             "decontaminated %d", totals["read"], seconds, split_rows, {k: v[1] for k, v in eval_files.items()},
+             totals["quarantined"], totals["deduplicated"], totals["decontaminated"])
+    return Output(run_id=ctx.run_id, artifacts=artifacts, metrics=metrics)
