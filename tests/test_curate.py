@@ -223,19 +223,21 @@ def test_planted_gsm8k_test_questions_are_all_removed_and_listed(module_workspac
         q = g["question"].upper() if i % 2 else g["question"].lower()
         q = "  " + q.replace(" ", "   ").replace("?", " ?!").replace(". ", " ; ") + " ..."
         mangled.append({"question": q, "answer": g["answer"]})
+    embedded = {"question": "A warm-up first. " + gsm[7]["question"] + " Explain each step.", "answer": "#### 1"}
     unrelated = _gsm8k_rows(60)
-    pool = _jsonl(tmp_path / "pool.jsonl", unrelated[:30] + mangled + unrelated[30:])
+    pool = _jsonl(tmp_path / "pool.jsonl", unrelated[:30] + mangled + [embedded] + unrelated[30:])
     out = _run(curate.GSM8KSource(path=str(pool), name="pool"),
                curate.GSM8KSource(path=str(DATA / "gsm8k" / "test.jsonl"), role="eval"))
     hits = _frame(out, "decontamination", tmp_path)
-    assert len(hits) == len(planted)
-    assert sorted(hits.line) == list(range(31, 31 + len(planted)))
-    assert list(hits.eval_question) == [g["question"] for g in planted]
-    assert set(hits.eval_set) == {"gsm8k"} and set(hits.match) == {"exact"}
+    assert len(hits) == len(planted) + 1
+    assert list(hits.line) == list(range(31, 32 + len(planted)))
+    assert list(hits.eval_question) == [g["question"] for g in planted] + [gsm[7]["question"]]
+    assert set(hits.eval_set) == {"gsm8k"} and list(hits.match) == ["exact"] * len(planted) + ["ngram"]
+    assert hits.ngram.iloc[-1] in normalise(gsm[7]["question"]) and len(hits.ngram.iloc[-1].split()) == 13
     eval_ids = dict(zip(*(_frame(out, "eval/gsm8k", tmp_path)[c] for c in ("question", "id")), strict=True))
-    assert list(hits.eval_id) == [eval_ids[g["question"]] for g in planted]
+    assert list(hits.eval_id) == [eval_ids[g["question"]] for g in [*planted, gsm[7]]]
     kept = pd.concat([_frame(out, "train", tmp_path), _frame(out, "val", tmp_path)])
-    assert len(kept) == 60 and set(kept.answer) == {str(2 * i + 3) for i in range(60)}
+    assert len(kept) == 60 and set(kept.answer) == {str(2 * i + 3) for i in range(60)}  # no unrelated row lost
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,6 +295,26 @@ def test_every_file_format_reads_the_same_rows(module_workspace, tmp_path):
     assert len(dups) == 160 and set(dups.kind) == {"exact"} and set(dups.duplicate_of_source) == {"a-jsonl"}
     # Content-derived ids: the same record has the same digest whichever file it came from.
     assert {i.split("/")[1] for i in dups.id} == {i.split("/")[1] for i in dups.duplicate_of}
+    _check_accounting(manifest)
+
+
+def test_exact_and_normalised_duplicates_within_and_across_sources(module_workspace, tmp_path):
+    rows = _gsm8k_rows(20)
+    a = _jsonl(tmp_path / "a.jsonl", [*rows, rows[3], {**rows[4], "question": rows[4]["question"].upper() + "!!"}])
+    b = _jsonl(tmp_path / "b.jsonl", [*_gsm8k_rows(5, start=100), rows[5],
+                                      {**rows[6], "question": "  " + rows[6]["question"].replace(" ", "   ")}])
+    out = _run(curate.GSM8KSource(path=str(a), name="a", val_fraction=0.2),
+               curate.GSM8KSource(path=str(b), name="b", val_fraction=0.2))
+    dups = _frame(out, "duplicates", tmp_path).sort_values(["source", "line"])
+    ids = {s: dict(zip(f.question, f.id, strict=True)) for s, f in (("train", _frame(out, "train", tmp_path)),
+                                                                    ("val", _frame(out, "val", tmp_path)))}
+    first = ids["train"] | ids["val"]
+    assert list(zip(dups.source, dups.line, dups.kind, strict=True)) == [
+        ("a", 21, "exact"), ("a", 22, "normalised"), ("b", 6, "exact"), ("b", 7, "normalised")]
+    assert list(dups.duplicate_of) == [first[rows[i]["question"]] for i in (3, 4, 5, 6)]
+    manifest = _manifest(out, tmp_path)
+    assert manifest["sources"]["a"]["deduplicated_by_kind"] == {"exact": 1, "normalised": 1}
+    assert manifest["sources"]["b"]["kept"] == 5
     _check_accounting(manifest)
 
 
@@ -413,7 +435,7 @@ def test_parallel_map_gives_the_same_bytes_as_one_process(module_workspace, tmp_
 
 def _planted_bad_file(folder: Path) -> tuple[Path, dict[int, str]]:
     """GSM8K-format lines with one bad row of every kind; returns the file and {line: reason}."""
-    good = [json.dumps(r).encode() for r in _gsm8k_rows(30)]
+    good = [json.dumps(r).encode() for r in _gsm8k_rows(36)]
     bad = {
         b'{"question": "What is 2+\xff2?", "answer": "#### 4"}': "invalid_utf8",
         json.dumps({"question": 17, "answer": "#### 3"}).encode(): "wrong_type",
@@ -425,6 +447,8 @@ def _planted_bad_file(folder: Path) -> tuple[Path, dict[int, str]]:
         json.dumps({"question": "x" * 100_000 + "?", "answer": "#### 1"}).encode(): "question_too_long",
         json.dumps({"question": "What is 6+6?", "answer": "twelve, I think"}).encode(): "unparseable_answer",
         json.dumps({"answer": "#### 1"}).encode(): "missing_question",
+        b'{"question": "What is \\ud800?", "answer": "#### 1"}': "invalid_utf8",  # a lone surrogate escape
+        b"[" * 100_000 + b"]" * 100_000: "not_json",  # nested past what the parser can read
     }
     lines, where = [], {}
     for i, (line, reason) in enumerate(bad.items()):
@@ -451,12 +475,12 @@ def test_planted_bad_rows_are_quarantined_with_reason_and_line_by_the_stage_cli(
     assert set(q.file) == {str(path)} and q.detail.notna().all()
     assert q.set_index("line").loc[list(where)[0], "detail"] == "invalid UTF-8 byte at column 25"
     kept = pd.concat([_frame(out, "train", tmp_path), _frame(out, "val", tmp_path)])
-    assert sorted(kept.answer.astype(int)) == sorted(2 * i + 3 for i in range(30))  # every good row, nothing else
+    assert sorted(kept.answer.astype(int)) == sorted(2 * i + 3 for i in range(36))  # every good row, nothing else
     manifest = _manifest(out, tmp_path)
     src = manifest["sources"]["gsm8k"]
-    assert src["read"] == 40 and src["kept"] == 30 and src["quarantined"] == 10
-    assert src["quarantined_by_reason"] == {"empty_question": 1, "invalid_utf8": 1, "missing_answer": 1,
-                                            "missing_question": 1, "not_json": 2, "question_too_long": 1,
+    assert src["read"] == 48 and src["kept"] == 36 and src["quarantined"] == 12
+    assert src["quarantined_by_reason"] == {"empty_question": 1, "invalid_utf8": 2, "missing_answer": 1,
+                                            "missing_question": 1, "not_json": 3, "question_too_long": 1,
                                             "unparseable_answer": 1, "wrong_type": 2}
     assert manifest["quarantine"]["by_reason"] == src["quarantined_by_reason"]
     _check_accounting(manifest)

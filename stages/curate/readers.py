@@ -125,6 +125,14 @@ def tokenizer_file(path: str) -> str:
     return str(p)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _split_of(ctx: RowContext, key: str) -> str:
     if ctx.role == "eval":
         return "eval"
@@ -141,6 +149,9 @@ def finish_row(ctx: RowContext, ex: Extracted, where: dict) -> dict:
     if len(question) > ctx.max_chars:
         raise Rejected(schemas.QUESTION_TOO_LONG, f"{len(question)} chars > max_question_chars {ctx.max_chars}")
     answer = ex.answer.strip()
+    for name, text in (("question", question), ("answer", answer), ("solution", ex.solution or "")):
+        if not _encodable(text):  # a JSON "\ud800" escape decodes to a lone surrogate, which is no UTF-8
+            raise Rejected(schemas.INVALID_UTF8, f"the {name} holds a lone surrogate (an invalid \\u escape)")
     question_words = words(question)
     key = " ".join(question_words)
     row = {**_EMPTY, **where, "status": "ok", "id": row_id(ctx.source, question, answer), "question": question,
@@ -264,6 +275,9 @@ def _parse_chunks(batch: dict, *, ctx: RowContext, path: str, file: str, line_ba
                     rows.append(_quarantined(where, ctx, schemas.NOT_JSON, f"not JSON ({err.msg} at column "
                                                                            f"{err.colno})", text))
                     continue
+                except RecursionError:
+                    rows.append(_quarantined(where, ctx, schemas.NOT_JSON, "JSON nested too deeply to read", text))
+                    continue
                 rows.append(process_record(ctx, rec, where, text))
     _apply_token_budget(ctx, rows)
     return _columns(rows)
@@ -298,6 +312,8 @@ def json_array_as_lines(path: Path, workdir: Path, where: str) -> Path:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{where}.path: {path}: not a JSON array ({err.msg} at line {err.lineno}, column "
                           f"{err.colno})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}.path: {path}: a record of the JSON array is nested too deeply to read") from None
     return out
 
 
