@@ -9,7 +9,8 @@ Two roads, one row schema (`ROW_FEATURES`):
   `datasets.map` over its record batches.
 Each record becomes a row with `status` ok/quarantined/filtered, the reason and where it came from
 (file, line, row), the normalised fields, its hashes, its split and, for `train` sources, the eval item
-it collides with (decontamination). Nothing holds a whole source in Python lists.
+it collides with (decontamination). No Python list ever holds a whole source (a JSON array's text is
+the one thing read whole), and the rows land in Arrow files in the stage's scratch folder.
 """
 
 from __future__ import annotations
