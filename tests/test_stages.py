@@ -1,6 +1,6 @@
 """Each stage for real on a tiny budget, chained in-process through a local SQLite MLflow store:
 the Output is well-formed AND something really happened (weights changed, metrics logged, digests
-verify). Also the bad-input paths: quarantined rows, tampered artifacts."""
+verify). Also the bad-input path of a tampered artifact. Curation has its own tests (test_curate.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from stages import curate, evaluate, rl, sft
 from stages.common.model_spec import ModelConfig
 from stages.common.tracking import fetch_verified, sha256_path, tracking_uri
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO
 
 SMALL_MODEL = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
@@ -49,52 +49,6 @@ def _weights(output, tmp_path, name="model"):
 
 def _metric_history(run_id, key):
     return [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
-
-
-def test_curate_synthetic_splits_are_disjoint_and_verified(curated, tmp_path):
-    frames = {s: pd.read_parquet(fetch_verified(curated.artifact(s), tmp_path / s)) for s in curate.SPLITS}
-    assert {s: len(f) for s, f in frames.items()} == {"train": 5760, "val": 720, "test": 720}
-    keys = {s: set(f.question) for s, f in frames.items()}
-    assert not keys["train"] & keys["test"] and not keys["train"] & keys["val"] and not keys["val"] & keys["test"]
-    assert list(frames["train"].columns) == ["id", "question", "answer", "source"]
-    row = frames["test"].iloc[0]
-    a, b = map(int, row.question.split("*"))
-    assert int(row.answer) == a * b
-    manifest = json.loads(fetch_verified(curated.artifact("manifest"), tmp_path / "m").read_text())
-    assert manifest["splits"]["test"]["sha256"] == curated.artifact("test").sha256
-
-
-def test_curate_same_seed_same_splits(module_workspace, curated):
-    again = curate.run(curate.Config(experiment="stages"))
-    assert again.artifact("test").sha256 == curated.artifact("test").sha256
-    other = curate.run(curate.Config(experiment="stages", seed=1))
-    assert other.artifact("test").sha256 != curated.artifact("test").sha256
-
-
-@pytest.mark.skipif(not (SHARED_DATA / "gsm8k" / "test.jsonl").is_file(),
-                    reason="../shared/data/gsm8k is absent on this machine (GSM8K is never committed)")
-def test_curate_reads_real_gsm8k(module_workspace, tmp_path):
-    out = curate.run(curate.Config(experiment="stages", sources=[
-        curate.GSM8KSource(path=str(SHARED_DATA / "gsm8k"))]))
-    test = pd.read_parquet(fetch_verified(out.artifact("test"), tmp_path))
-    train = pd.read_parquet(fetch_verified(out.artifact("train"), tmp_path / "t"))
-    assert len(test) == 1319 and (test.source == "gsm8k").all()
-    assert "2125" in set(test.answer) and not test.answer.str.contains(",").any()  # thousands commas removed
-    assert not set(train.question) & set(test.question)
-
-
-def test_curate_quarantines_bad_rows_naming_file_and_line(module_workspace, tmp_path):
-    folder = tmp_path / "qa"
-    folder.mkdir()
-    good = [json.dumps({"question": f"What is {i}+1?", "answer": f"step\n#### {i + 1}"}) for i in range(40)]
-    (folder / "train.jsonl").write_text("\n".join([*good[:30], "{not json", json.dumps({"question": "q", "answer": "no final"})]))
-    (folder / "test.jsonl").write_text("\n".join([*good[30:], good[0]]))  # good[0] is also in train: contamination
-    out = curate.run(curate.Config(experiment="stages", sources=[curate.GSM8KSource(path=str(folder), val_fraction=0.1)]))
-    q = pd.read_parquet(fetch_verified(out.artifact("quarantine"), tmp_path / "q"))
-    reasons = "\n".join(q.reason)
-    assert f"{folder / 'train.jsonl'}:31: unreadable row" in reasons
-    assert f"{folder / 'train.jsonl'}:32: no '#### <final>'" in reasons
-    assert "decontaminated" in reasons
 
 
 def test_sft_trains_and_logs_a_verifiable_model(sft_out, tmp_path):

@@ -24,8 +24,13 @@ DEFAULT_FEEDBACK = "Let's try again."
 
 #: Curated splits, in the order the curate stage writes them.
 SPLITS = ("train", "val", "test")
-#: Columns every curated split has (curate may add optional ones, e.g. `solution`, `level`).
+#: Columns every curated split and evaluation set has: a stable content-derived `id`, the `question`,
+#: its final `answer` (compared by math-verify equivalence) and the `source` it came from.
 COLUMNS = ["id", "question", "answer", "source"]
+#: Columns curate adds when some kept row of the source has them: the worked `solution` (str), the
+#: MATH difficulty `level` (int 1-5) and `subject` (str; MetaMathQA: its `type`). Readers must not
+#: require them.
+OPTIONAL_COLUMNS = ["solution", "level", "subject"]
 
 
 class ArtifactRef(StrictModel):

@@ -1,9 +1,10 @@
-"""Data curation: (question, final answer) datasets -> train/val/test parquet + manifest, in MLflow.
+"""Data curation: QA datasets (Hugging Face hub or local files, or the synthetic multiplication set) ->
+train/val(/test) parquet splits, whole evaluation sets `eval/<name>`, the tables of quarantined,
+duplicate and contaminated rows, and a manifest accounting for every row read; all in MLflow.
 
-Sources: a seeded synthetic multiplication generator (the tiny default) and GSM8K jsonl files. Every
-row is normalised to one schema (id, question, answer, source). Rows that cannot be used go to a
-quarantine file with the reason, duplicates are dropped, and any train/val question that also appears
-in test is removed (decontamination by normalised text).
+Sources are declared in the config (see `config.py`): built-in schemas for GSM8K, MATH/MATH-500 and
+MetaMathQA, and a generic mapping for any other QA set. Each row is parsed and type-checked by itself;
+one that cannot be used goes to quarantine with its reason, file and line/row, and never stops the run.
 
 Launch: python -m stages.curate --config curate.yaml
 """
@@ -11,9 +12,18 @@ Launch: python -m stages.curate --config curate.yaml
 from __future__ import annotations
 
 from stages.common.contracts import SPLITS, load_split
-from stages.curate.config import Config, GSM8KSource, MultiplicationSource, Output
+from stages.curate.config import (
+    Config,
+    GenericSource,
+    GSM8KSource,
+    MATHSource,
+    MetaMathQASource,
+    MultiplicationSource,
+    Output,
+)
 
-__all__ = ["SPLITS", "Config", "GSM8KSource", "MultiplicationSource", "Output", "load_split", "run"]
+__all__ = ["SPLITS", "Config", "GSM8KSource", "GenericSource", "MATHSource", "MetaMathQASource",
+           "MultiplicationSource", "Output", "load_split", "run"]
 
 
 def run(config: Config, parent_run_id: str | None = None, run_id: str | None = None) -> Output:
