@@ -4,10 +4,14 @@ and a tiny character-level tokenizer/model built exactly as the SFT stage builds
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything (set before HF libraries load)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import mlflow
 import pytest
@@ -19,10 +23,11 @@ from stages.common.model import new_scratch_model
 from stages.common.model_spec import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The real data files live beside the repository (never in it); a git worktree or a copy elsewhere
+# finds them through UFO_SHARED_DATA.
+SHARED_DATA = Path(os.environ.get("UFO_SHARED_DATA") or REPO.parent / "shared" / "data")
 FEEDBACK = "Let's try again."
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 

@@ -93,7 +93,7 @@ def test_a_failing_stage_fails_the_pipeline_clearly_after_its_retries(tmp_path):
                    "--set", "flow.curate.retries=1", "--set", "flow.retry_delay_seconds=0")
     assert proc.returncode == 1
     assert "error: pipeline failed: stage curate exited with code 2" in proc.stderr
-    assert "/nonexistent/train.jsonl not found" in proc.stderr  # the stage's own message, from its log tail
+    assert "sources.0.path: /nonexistent: no such file" in proc.stderr  # the stage's own message, from its log tail
     log = proc.stdout + proc.stderr
     assert log.count("-m stages.curate --config") == 2  # the first attempt and one retry
     mlflow.set_tracking_uri(workspace_tracking_uri(tmp_path / "ws"))
