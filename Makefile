@@ -8,7 +8,7 @@ CONFIG  ?= configs/tiny.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow lint format clean install
+.PHONY: run test test-slow test-containers images lint format clean install
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; set PY=/path/to/python3.11"; exit 2; }
@@ -29,6 +29,15 @@ run: $(STAMP)
 ## Unit, stage and end-to-end tests (tiny budgets); ~6 minutes on 2 cores.
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" $(PYTEST_ARGS)
+
+## The four stage images (containers/README.md); needs a Docker engine. BASE_IMAGE=..., TORCH_WHEELS=DIR.
+images: $(STAMP)
+	$(BIN)/ufo images
+
+## Stages in containers: builds the images, starts PostgreSQL + MLflow server + Prefect server + a Docker
+## worker (ufo stack), runs the smoke pipeline with the docker and deployment launchers, stops it all.
+test-containers: $(STAMP)
+	$(BIN)/python -m pytest -m docker $(PYTEST_ARGS)
 
 ## The slow acceptance test: the full tiny default pipeline, checked against its targets (3 seeds, ~7 min each).
 test-slow: $(STAMP)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import signal
 import sys
@@ -178,7 +177,8 @@ def cmd_run(args) -> int:
             print(f"error: pipeline failed: {outcome}", file=sys.stderr)
             return 1
         summary = outcome
-    print(json.dumps(summary, indent=2))
+    print(f"pipeline run {summary['pipeline_run_id']} (experiment {summary['experiment']}, {summary['tracking_uri']})")
+    print("stage runs: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()))
     m = summary["metrics"]
     T = cfg.evaluate.max_turns
     for name in ("sft", "rl"):

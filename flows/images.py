@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,17 +130,33 @@ def build(client, stage: str, tag: str, base_image: str) -> None:
     print(f"[{stage}] built {tag} in {time.time() - t0:.0f} s", flush=True)
 
 
+# Dockerfile instructions that change only the image's metadata: they add no filesystem layer.
+_METADATA_ONLY = re.compile(r"#\(nop\)\s+(LABEL|ENV|WORKDIR|USER|ENTRYPOINT|CMD|ARG|EXPOSE|SHELL|STOPSIGNAL|"
+                            r"VOLUME|HEALTHCHECK|ONBUILD|MAINTAINER)\b")
+
+
+def _layer_sizes(client, tag: str) -> dict[str, int]:
+    """Bytes of each filesystem layer of an image, by layer digest (history lists them newest first)."""
+    img = client.images.get(tag)
+    sizes = [h["Size"] for h in client.api.history(tag) if not _METADATA_ONLY.search(h["CreatedBy"])]
+    layers = img.attrs["RootFS"]["Layers"]
+    return dict(zip(reversed(layers), sizes, strict=False))
+
+
 def report_sizes(client, tags: list[str]) -> None:
-    """Each image's size, what it shares with the others, and the total on disk."""
-    by_id = {img["Id"]: img for img in client.df()["Images"]}
-    print(f"{'image':<28}{'size':>10}{'shared':>10}{'own':>10}")
-    for tag in tags:
-        img = by_id[client.images.get(tag).id]
-        size, shared = img["Size"], max(img.get("SharedSize", 0), 0)
-        print(f"{tag:<28}{size / 2**20:>8.0f}MB{shared / 2**20:>8.0f}MB{(size - shared) / 2**20:>8.0f}MB")
-    ids = {client.images.get(t).id for t in tags}
-    layers = {layer for i in ids for layer in client.images.get(i).attrs["RootFS"]["Layers"]}
-    print(f"{len(tags)} images, {len(layers)} distinct layers")
+    """Each image's size and how much of it is its own; then what all of them take on disk together."""
+    layers = {tag: _layer_sizes(client, tag) for tag in tags}
+    counts: dict[str, int] = {}
+    for ls in layers.values():
+        for digest in ls:
+            counts[digest] = counts.get(digest, 0) + 1
+    print(f"{'image':<28}{'size':>10}{'own':>10}")
+    for tag, ls in layers.items():
+        own = sum(size for digest, size in ls.items() if counts[digest] == 1)
+        print(f"{tag:<28}{sum(ls.values()) / 1e6:>8.0f}MB{own / 1e6:>9.2f}MB")
+    total = sum(size for ls in layers.values() for size in ls.values()) / 1e6
+    shared = {d: s for ls in layers.values() for d, s in ls.items()}
+    print(f"together on disk {sum(shared.values()) / 1e6:.0f} MB (the sum of their sizes would be {total:.0f} MB)")
 
 
 def check_curate_has_no_torch(client, tag: str) -> None:

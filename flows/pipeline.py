@@ -10,6 +10,7 @@ left RUNNING, with the reason in the tag `ufo.failure`.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,34 @@ class StageFailed(RuntimeError):
 def _interrupted(err: BaseException) -> bool:
     """KeyboardInterrupt, SIGTERM (ours or Prefect's TerminationSignal): the user stopped the run."""
     return not isinstance(err, Exception)
+
+
+#: What the pipeline run shows (the evaluate run has everything): per model and evaluation set, the
+#: paper's metrics with their 95% interval ends.
+HEADLINE = re.compile(r"^eval/(?:[^/]+/)?(sft|rl)/(succ_at_\d+|pass_at_\d+|avg_turns|effective_answer_ratio|"
+                      r"invalid_rate|greedy_accuracy|repeat_share)(_lo|_hi)?$")
+
+
+def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in sorted(metrics.items()) if HEADLINE.match(k)}
+
+
+def describe_pipeline(cfg: PipelineConfig, outputs: dict[str, StageOutput], metrics: dict[str, float]) -> str:
+    """The pipeline run's description in the MLflow UI (markdown): its stages, their runs, the numbers."""
+    lines = [f"**UFO pipeline** ({cfg.flow.launcher} launcher): curate -> SFT -> multi-turn RL -> evaluate. "
+             "Config: `config/pipeline.yaml`; each stage's Output: `outputs/<stage>.json`.", "",
+             "| stage | MLflow run |", "|---|---|"]
+    lines += [f"| {name} | `{out.run_id}` |" for name, out in outputs.items()]
+    T = cfg.evaluate.max_turns
+    rows = [(m, f"succ_at_{T}", f"pass_at_{T}", "effective_answer_ratio", "avg_turns") for m in ("sft", "rl")]
+    lines += ["", f"| model | Succ@{T} | Pass@{T} | effective answer ratio | average turns |", "|---|---|---|---|---|"]
+    for model, *names in rows:
+        cells = []
+        for n in names:
+            v, lo, hi = (metrics.get(f"eval/{model}/{n}{suffix}") for suffix in ("", "_lo", "_hi"))
+            cells.append("" if v is None else f"{v:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]"))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
@@ -126,9 +155,10 @@ def ufo_pipeline(config: dict[str, Any], reuse: dict[str, dict[str, Any]] | None
                 out = OUTPUT_TYPES[name].model_validate(raw)
             outputs[name] = out
             client.log_dict(pid, out.model_dump(mode="json"), f"outputs/{name}.json")
-        metrics = outputs["evaluate"].metrics
+        metrics = headline_metrics(outputs["evaluate"].metrics)
         now = int(time.time() * 1000)
         client.log_batch(pid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        client.set_tag(pid, "mlflow.note.content", describe_pipeline(cfg, outputs, metrics))
         summary = {"pipeline_run_id": pid, "experiment": cfg.experiment, "tracking_uri": tracking_uri(),
                    "stages": {n: o.run_id for n, o in outputs.items()}, "metrics": metrics}
         write_json_atomic(workdir / "summary.json", summary)

@@ -85,10 +85,9 @@ MICRO = "tests/configs/micro.yaml"
 
 
 def ufo_env(workspace: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "UFO_HOME": str(workspace), **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
-    return env
+    """This process's environment for a `ufo` in `workspace`: its default local stores unless `extra` says."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    return {**env, "UFO_HOME": str(workspace), **extra}
 
 
 def start_ufo(workspace: Path, *args: str, log: Path, **env: str) -> subprocess.Popen:
