@@ -36,6 +36,8 @@ LABEL_CODE = "ai.ufo.code-digest"
 LABEL_RUN = "ai.ufo.run-id"
 
 Log = Callable[[str], None]
+#: Settings of this process that a stage in a container or under a worker must see too.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "UFO_THREADS", "UFO_FAILPOINT")
 
 
 @dataclass
@@ -190,9 +192,7 @@ class DockerLauncher:
         image = self.image(job.stage)
         env = {"MLFLOW_TRACKING_URI": self.tracking_uri, "PYTHONUNBUFFERED": "1",
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "UFO_THREADS"):
-            if key in os.environ:
-                env[key] = os.environ[key]
+        env |= {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         log(f"$ docker run {image} {job.stage} --run-id {job.run_id}")
         container = self.client.containers.run(
             image, command=job.args(), detach=True, environment=env, network_mode="host",
@@ -267,15 +267,16 @@ class DeploymentLauncher:
             raise ConfigError(
                 f"flow.launcher: deployment runs stages under a worker, which cannot reach the tracking "
                 f"store {tracking_uri}; set MLFLOW_TRACKING_URI to an MLflow server (`ufo stack up`)")
-        self.flow = flow
+        self.flow, self.tracking_uri = flow, tracking_uri
 
     def _job_variables(self, client, job: StageJob, deployment) -> dict[str, Any]:
+        """The pool type's resource variables, plus the environment the stage needs wherever it runs."""
         pool_type = client.read_work_pool(deployment.work_pool_name).type
-        if pool_type == "docker":
-            return docker_job_variables(job.resources)
-        if pool_type == "kubernetes":
-            return kubernetes_job_variables(job.resources)
-        return {}
+        resources = {"docker": docker_job_variables, "kubernetes": kubernetes_job_variables}.get(pool_type)
+        variables = resources(job.resources) if resources else {}
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri}
+        env |= {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        return variables | {"env": {**(deployment.job_variables or {}).get("env", {}), **env}}
 
     def launch(self, job: StageJob, log: Log) -> LaunchResult:
         from prefect.client.orchestration import get_client
@@ -317,8 +318,7 @@ class DeploymentLauncher:
             state = flow_run.state
             if state.is_completed():
                 return LaunchResult(0)
-            return LaunchResult(1, f"flow run {flow_run.name} ended {state.name}: {state.message or ''}".strip(),
-                                self._tail(client, flow_run.id))
+            return LaunchResult(1, f"flow run {flow_run.name} ended {state.name}", self._tail(client, flow_run.id))
 
     @staticmethod
     def _await_final(client, flow_run_id, seconds: float) -> None:
@@ -335,7 +335,9 @@ class DeploymentLauncher:
 
         try:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            return [entry.message for entry in logs[-20:]]
+            # The stage's own lines ([stage] ...), each cut short: the full log is in Prefect.
+            lines = [line for entry in logs for line in entry.message.splitlines() if line.startswith("[")]
+            return [line[:300] for line in lines[-20:]]
         except Exception:
             return []
 

@@ -47,7 +47,8 @@ def check_http(url: str, what: str, timeout: float = PREFLIGHT_TIMEOUT_SECONDS) 
 def check_tracking(uri: str) -> None:
     """The MLflow tracking server answers, or a one-line PreflightError (local stores need no check)."""
     if uri.startswith(("http://", "https://")):
-        check_http(uri.rstrip("/") + "/health", "MLFLOW_TRACKING_URI")
+        # A real API call, not /health: it also meets the server's host check and authentication.
+        check_http(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", "MLFLOW_TRACKING_URI")
 
 
 def check_prefect_api(url: str) -> None:

@@ -21,6 +21,7 @@ Kubernetes (see infra/README.md); this is the same stack for one machine and for
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -72,26 +73,40 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
 
 
+def pg_home(root: Path) -> Path:
+    """Where the cluster lives. Run as root, PostgreSQL runs as `postgres`, which may not be able to
+    enter the workspace (e.g. under a 0700 home): then it lives in /var/tmp, one folder per stack,
+    with `stack/pg` linking to it."""
+    if os.geteuid() != 0:
+        return root / "pg-home"
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return Path("/var/tmp") / f"ufo-stack-{digest}"
+
+
 def start_postgres(root: Path, port: int) -> str:
     """Initialise (once) and start the cluster; return its SQLAlchemy host part `user@host:port`."""
-    data, sock = root / "pg", root / "pg-socket"
-    sock.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(sock, "postgres")
-        root.chmod(0o755)
+    home = pg_home(root)
+    data, sock = home / "pg", home / "socket"
+    for folder in (home, sock):
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres")
+    link = root / "pg"
+    if not link.exists():
+        link.symlink_to(data)
     if not (data / "PG_VERSION").is_file():
         data.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(data, "postgres")
         _run(_as_postgres([_pg_tool("initdb"), "-D", str(data), "-U", "ufo", "--auth=trust", "-E", "UTF8"]),
              "initdb")
-    log = root / "postgres.log"
+    log = home / "postgres.log"
     if not log.exists():
         log.touch()
     if os.geteuid() == 0:
@@ -110,7 +125,7 @@ def start_postgres(root: Path, port: int) -> str:
 
 
 def stop_postgres(root: Path) -> None:
-    data = root / "pg"
+    data = pg_home(root) / "pg"
     if (data / "postmaster.pid").is_file():
         subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
                        capture_output=True)
@@ -183,7 +198,7 @@ def up(pool: str | None, pool_type: str, mlflow_port: int, prefect_port: int, pg
             mlflow_exe, "server", "--backend-store-uri", f"postgresql+psycopg://{pg}/mlflow",
             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "2",
-            "--allowed-hosts", "127.0.0.1,localhost"], base_env)
+            "--allowed-hosts", f"127.0.0.1:{mlflow_port},localhost:{mlflow_port},127.0.0.1,localhost"], base_env)
         state["processes"]["mlflow"] = pid
         _save_state(root, state)
         prefect_url = f"http://127.0.0.1:{prefect_port}/api"
@@ -220,7 +235,7 @@ def create_pool(pool: str, pool_type: str, env: dict[str, str]) -> None:
     cmd = ["work-pool", "update", pool] if exists else ["work-pool", "create", pool, "--type", pool_type]
     if template.is_file():
         cmd += ["--base-job-template", str(template)]
-    _run([prefect_executable(), *cmd], f"prefect work-pool {'update' if exists else 'create'} {pool}")
+    _run([prefect_executable(), *cmd], f"prefect work-pool {'update' if exists else 'create'} {pool}", env)
 
 
 def down() -> list[str]:
@@ -233,7 +248,7 @@ def down() -> list[str]:
         if _alive(procs[name]):
             _stop_group(procs[name])
             stopped.append(name)
-    if (root / "pg" / "postmaster.pid").is_file():
+    if (pg_home(root) / "pg" / "postmaster.pid").is_file():
         stop_postgres(root)
         stopped.append("postgres")
     if root.is_dir():
@@ -246,7 +261,7 @@ def status() -> dict[str, str]:
     state = _load_state(root)
     out = {name: ("running" if _alive(pid) else "stopped") + f" (pid {pid})"
            for name, pid in state.get("processes", {}).items()}
-    out["postgres"] = "running" if (root / "pg" / "postmaster.pid").is_file() else "stopped"
+    out["postgres"] = "running" if (pg_home(root) / "pg" / "postmaster.pid").is_file() else "stopped"
     return out
 
 
@@ -264,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="what runs")
     args = p.parse_args(argv)
     if args.action == "up":
-        state = up(args.pool, args.pool_type, args.mlflow_port, args.prefect_port, args.postgres_port)
+        try:
+            state = up(args.pool, args.pool_type, args.mlflow_port, args.prefect_port, args.postgres_port)
+        except RuntimeError as err:  # a server did not start; `up` stopped what it had started
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         print(f"MLflow:  {state['mlflow_tracking_uri']}\nPrefect: {state['prefect_api_url']} (UI: "
               f"{state['prefect_api_url'].removesuffix('/api')})")
         if "pool" in state:
