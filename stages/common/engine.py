@@ -19,6 +19,7 @@ Ranks are started by a launcher (`launch_ranks`), never by this module's caller 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import os
 import signal
@@ -77,26 +78,28 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _plain_model(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A fresh model with `state` loaded and any LoRA adapters merged: what plain transformers loads.
+    """A fresh CPU model with `state` loaded and any LoRA adapters merged by peft: what plain transformers
+    loads. `module` itself is left untouched (training can go on after an export).
 
-    Built on the meta device and filled by assignment, so it costs no random init and no second copy of
-    the weights; `module` itself is left untouched (training can go on after an export).
+    Built on the CPU without random init (`no_init_weights`), so it costs one copy of the weights in host
+    memory, never on the accelerator; non-persistent buffers (RoPE frequencies) are built as usual.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     base = module.get_base_model() if hasattr(module, "peft_config") else module
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
-        if hasattr(module, "peft_config"):
-            from peft import get_peft_model
+    with no_init_weights():
+        plain = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=base.dtype)
+    plain.tie_weights()  # skipped with the init; an untied copy would save lm_head twice
+    if hasattr(module, "peft_config"):
+        from peft import get_peft_model
 
-            plain = get_peft_model(plain, module.peft_config["default"])
-    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+        plain = get_peft_model(plain, module.peft_config["default"])
+    missing, unexpected = plain.load_state_dict({k: v.to("cpu") for k, v in state.items()}, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if base.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"export: state does not fit the model (missing {sorted(set(missing) - tied)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]})")
-    plain.tie_weights()
     if hasattr(plain, "peft_config"):
         plain = plain.merge_and_unload()
     plain.generation_config = base.generation_config
