@@ -251,14 +251,15 @@ def is_rank_process() -> bool:
 
 def init_process_group(spec: EngineConfig) -> None:
     """Join the ranks' process group (once); gloo on CPU, nccl on GPUs unless `spec.backend` says."""
+    if not is_rank_process():  # one DeepSpeed rank in this very process (tests, single-GPU runs)
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.distributed.is_initialized():
         return
     import deepspeed
 
     backend = spec.backend if spec.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
-    if not is_rank_process():  # one DeepSpeed rank in this very process (tests, single-GPU runs)
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())})
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
