@@ -129,3 +129,20 @@ def test_tiny_chat_sft_stage_logs_a_plain_transformers_chat_model(module_workspa
     losses = [m.value for m in mlflow.MlflowClient().get_metric_history(out.run_id, "loss/sft")]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert out.metrics["sft/steps"] == 6
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-3b-paper.yaml", "qwen2.5-3b-paper-1gpu.yaml"])
+def test_paper_configs_hold_the_paper_setting_and_no_neighbour_paths(name):
+    from flows.config import PipelineConfig
+
+    cfg = load_config(PipelineConfig, REPO / "configs" / name)
+    rl = cfg.rl
+    assert (rl.max_turns, rl.gamma, rl.repetition_penalty, rl.steps) == (5, 0.5, 0.5, 200)
+    assert (rl.problems_per_step, rl.group_size, rl.lr, rl.kl_coef) == (8, 16, 1e-6, 0.001)
+    assert (rl.clip_low, rl.clip_high, rl.max_new_tokens) == (0.2, 0.28, 400)
+    assert cfg.sft.model.init == "pretrained" and cfg.sft.model.name_or_path.startswith("Qwen/Qwen2.5-")
+    assert cfg.sft.model.trust_remote_code is False
+    for src in cfg.curate.sources:
+        path = getattr(src, "path", None)
+        if path is not None:  # a folder the user passes: absolute, and not beside this checkout
+            assert path.startswith("/") and not path.startswith(str(REPO.parent)), path
