@@ -291,7 +291,7 @@ def launch_command(spec: EngineConfig, module: str, args: list[str]) -> list[str
                 "--master_addr", "127.0.0.1", "--master_port", port, "-m", module, *args]
     # The deepspeed launcher counts GPUs; on a CPU-only machine --num_gpus still sets the rank count.
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
-            "--module", module, *args]
+            "--no_local_rank", "--module", module, *args]  # ranks read LOCAL_RANK from the environment
 
 
 def launch_ranks(spec: EngineConfig, module: str, args: list[str], *, env: dict[str, str] | None = None,

@@ -62,8 +62,9 @@ class ModelConfig(StrictModel):
     max_position_embeddings: int = Field(160, ge=16)
     """Context length of a scratch model, in tokens. Must hold the prompt plus every turn of an episode."""
     bpe_vocab_size: int = Field(384, ge=260)
-    """Vocabulary of the `scratch_chat` BPE tokenizer: 256 byte symbols + 3 specials + merges learnt from
-    the curated texts. Larger merges whole words (shorter sequences, larger embedding)."""
+    """Most tokens of the `scratch_chat` BPE tokenizer: 256 byte symbols + 3 specials + merges learnt from
+    the curated texts (fewer when the texts offer fewer merges: 297 for the multiplication task). Larger
+    merges whole words (shorter sequences, larger embedding)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
