@@ -146,3 +146,14 @@ def test_paper_configs_hold_the_paper_setting_and_no_neighbour_paths(name):
         path = getattr(src, "path", None)
         if path is not None:  # a folder the user passes: absolute, and not beside this checkout
             assert path.startswith("/") and not path.startswith(str(REPO.parent)), path
+
+
+def test_pretrained_weights_load_from_safetensors_only(chat, tmp_path):
+    model, fmt, _ = chat
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # pickled weights only
+    fmt.tokenizer.save_pretrained(tmp_path)
+    from stages.common.model import load_pretrained
+
+    with pytest.raises(OSError, match="safetensors|model.safetensors"):
+        load_pretrained(tmp_path, CPU)
