@@ -101,13 +101,15 @@ def one_rank_here():
     os.environ.update(saved)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_engine_steps_like_the_torch_engine(one_rank_here, stage):
+@pytest.mark.parametrize(("stage", "lora"), [(2, False), (3, False), (3, True)])
+def test_deepspeed_engine_steps_like_the_torch_engine(one_rank_here, tmp_path, stage, lora):
     """The engine wrapper itself, one rank in-process: 3 AdamW steps of 2 accumulated micro-batches each
-    give the torch engine's losses and gradient norms (rel 1e-5)."""
+    give the torch engine's losses, gradient norms and learning rates (rel 1e-5), and the same export
+    (with LoRA: merged from ZeRO-3's gathered state)."""
     tok = build_char_tokenizer(["123*4"], "Let's try again.")
+    adapters = {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}} if lora else {}
 
-    def run(spec: EngineConfig) -> list[float]:
+    def run(spec: EngineConfig, name: str) -> tuple[list[float], dict]:
         torch.manual_seed(0)
         model = new_scratch_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok)
         engine = build_engine(model, spec, lr=1e-2, weight_decay=0.01, grad_clip=1.0, lr_lambda=lambda s: 1 / (s + 1),
@@ -121,12 +123,16 @@ def test_deepspeed_engine_steps_like_the_torch_engine(one_rank_here, stage):
                 engine.backward(loss)
                 seen.append(loss.item())
             seen += [engine.step(), engine.lr()]
-        return seen
+        folder = engine.export(tok, tmp_path / name)
+        return seen, load_file(folder / "model.safetensors")
 
-    reference = run(EngineConfig())
-    got = run(EngineConfig(kind="deepspeed", deepspeed={"zero_stage": stage}))
+    reference, ref_weights = run(EngineConfig(**adapters), "torch")
+    got, weights = run(EngineConfig(kind="deepspeed", deepspeed={"zero_stage": stage}, **adapters), "ds")
     assert got == pytest.approx(reference, rel=1e-5)
     assert reference[2] != reference[8]  # the steps did change the model
+    assert weights.keys() == ref_weights.keys() and not any("lora" in k for k in weights)
+    for k, w in ref_weights.items():
+        torch.testing.assert_close(weights[k], w, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

@@ -221,7 +221,7 @@ class DeepSpeedEngine:
         state = self._full_state()
         if state is None:
             return None
-        self.ds.module.save_pretrained(str(path), state_dict={k: v for k, v in state.items() if "lora_" in k})
+        self.ds.module.save_pretrained(str(path), state_dict=state)  # peft keeps the adapter entries
         return Path(path)
 
 
