@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import torch
 
@@ -186,7 +187,8 @@ def _from_rank0(value: float, engine: TrainEngine) -> float:
 def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: Path, log_metrics: LogFn) -> dict:
     """Train; on rank 0 write the merged model to out_dir/model (and LoRA adapters to out_dir/adapter).
 
-    Returns the summary metrics (every rank computes the same). `log_metrics` is called on rank 0 only.
+    Returns the summary metrics (the same on every rank but for the timing; the stage logs rank 0's).
+    `log_metrics` is called on rank 0 only.
     """
     set_cpu_threads()
     seed_everything(config.seed)
@@ -253,14 +255,10 @@ def train(config: Config, ctx: StageContext) -> Output:
     train_path = fetch_verified(config.data.artifact("train"), ctx.workdir / "in")
     val_path = fetch_verified(config.data.artifact("val"), ctx.workdir / "in")
     if config.engine.kind == "torch":
-        import mlflow
-
         metrics = fit(config, load_split(train_path), load_split(val_path), ctx.workdir,
                       lambda m, step: mlflow.log_metrics(m, step=step))
     else:
         metrics = _train_on_ranks(config, ctx, train_path, val_path)
-    import mlflow
-
     mlflow.log_metrics(metrics)
     artifacts = {"model": log_artifact(ctx.workdir / "model", "model")}
     if (ctx.workdir / "adapter").is_dir():
