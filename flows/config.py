@@ -125,13 +125,14 @@ class PipelineConfig(StrictModel):
                     raise ValueError(f"{stage}.{f}: set by the flow from the upstream stage's output; remove it "
                                      "(to reuse an earlier stage, use `ufo run --from-run RUN_ID --only STAGE`)")
         model = self.sft.model
-        if model.init == "scratch" and self.rl.max_episode_tokens > model.max_position_embeddings:
+        # A scratch model's context length is known at load time; a pretrained one's only once loaded.
+        if model.init != "pretrained" and self.rl.max_episode_tokens > model.max_position_embeddings:
             raise ValueError(
                 f"rl.max_turns: an episode of {self.rl.max_turns} turns can take {self.rl.max_episode_tokens} tokens "
                 f"(rl.max_prompt_tokens + max_turns * (rl.max_new_tokens + 1) + (max_turns - 1) * "
                 f"rl.max_feedback_tokens), more than sft.model.max_position_embeddings = "
                 f"{model.max_position_embeddings}")
-        if self.evaluate.max_turns > self.rl.max_turns and model.init == "scratch":
+        if self.evaluate.max_turns > self.rl.max_turns and model.init != "pretrained":
             eval_tokens = self.rl.model_copy(update={"max_turns": self.evaluate.max_turns}).max_episode_tokens
             if eval_tokens > model.max_position_embeddings:
                 raise ValueError(f"evaluate.max_turns: {self.evaluate.max_turns} turns do not fit "

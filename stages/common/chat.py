@@ -1,4 +1,5 @@
-"""Tokenizer and chat format: the locally built character tokenizer of the tiny default, and the
+"""Tokenizers and chat format: the locally built character tokenizer of the tiny default, the locally
+trained byte-level BPE tokenizer with a Qwen-style ChatML template of the tiny chat model, and the
 token-level pieces every stage uses to build conversations.
 
 Conversations are built as token ids piece by piece (prompt, sampled answer, feedback turn, ...),
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, UNK, USER, ASSISTANT, END = "<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -51,6 +52,58 @@ def build_char_tokenizer(texts: list[str], feedback: str) -> PreTrainedTokenizer
     )
     fast.chat_template = TINY_CHAT_TEMPLATE
     return fast
+
+
+# Qwen2's ChatML specials and template (as in Qwen2-Instruct's tokenizer_config.json): a default system
+# prompt when the conversation has none; every turn is `<|im_start|>role\ncontent<|im_end|>\n`.
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+CHATML_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if loop.first and m['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+# Qwen2's pre-tokenizer split: contractions, letter runs, ONE digit at a time (numbers stay
+# digit-aligned, which arithmetic needs), punctuation runs, newlines, spaces.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def build_chatml_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here on `texts`, with Qwen2's specials, split and ChatML template.
+
+    Byte-level: any text encodes, so the feedback and the system prompt are ordinary text whatever the
+    curated texts hold (pass them in `texts` to give them merges). The chat's fixed strings are added to
+    the training texts so role names and the system prompt take few tokens.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = [ENDOFTEXT, IM_START, IM_END]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    fixed = ["system", "user", "assistant", DEFAULT_SYSTEM_PROMPT]
+    tok.train_from_iterator([*texts, *fixed], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT, bos_token=None,
+                                   unk_token=None, additional_special_tokens=[IM_START])
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message. `train` marks an assistant message whose tokens carry SFT loss."""
+
+    role: str
+    content: str
+    train: bool = True
 
 
 _SENTINEL = "\u2063ANSWER\u2063"  # never encoded: only used to locate the answer in rendered text
@@ -92,44 +145,74 @@ class ChatFormat:
             self._memo[key] = build(text)
         return list(self._memo[key])
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """The first user turn plus the assistant header: what the model answers at turn 0."""
+    def prompt_ids(self, question: str, system: str | None = None) -> list[int]:
+        """The first user turn plus the assistant header: what the model answers at turn 0. With no
+        `system`, the template's default system prompt (if it has one, as Qwen's does) is part of it."""
+        head = [] if system is None else [{"role": "system", "content": system}]
         return self._memoised(
-            "prompt", question, lambda q: self.encode(self._render([{"role": "user", "content": q}], True)))
+            f"prompt:{system}", question,
+            lambda q: self.encode(self._render([*head, {"role": "user", "content": q}], True)))
+
+    def user_turn_ids(self, text: str) -> list[int]:
+        """Tokens appended after an assistant answer that ended with eos: a user turn saying `text` plus
+        the assistant header (whatever the template puts between the two, e.g. ChatML's newline).
+
+        Derived from the chat template itself (render with and without the user turn and take the
+        difference), so it is right for any template, the tiny one and Qwen's alike.
+        """
+        def build(t: str) -> list[int]:
+            convo = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _SENTINEL}]
+            before = self._render(convo, False)
+            after = self._render([*convo, {"role": "user", "content": t}], True)
+            if not after.startswith(before):
+                raise ValueError("chat template does not render conversations as prefixes of each other")
+            tail = before[before.rindex(_SENTINEL) + len(_SENTINEL):]
+            eos_text = self.tokenizer.decode([self.eos_id])
+            if not tail.startswith(eos_text):
+                raise ValueError(f"chat template does not end an assistant turn with eos {eos_text!r}")
+            return self.encode(tail[len(eos_text):] + after[len(before):])
+
+        return self._memoised("user", text, build)
 
     @cached_property
     def feedback_ids(self) -> list[int]:
-        """Tokens appended after an answer that ended with eos: the feedback user turn + assistant header.
-
-        Derived from the chat template itself (render with and without the feedback turn and take the
-        difference), so it is right for any template, the tiny one and Qwen's alike.
-        """
-        convo = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _SENTINEL}]
-        before = self._render(convo, False)
-        after = self._render([*convo, {"role": "user", "content": self.feedback}], True)
-        if not after.startswith(before):
-            raise ValueError("chat template does not render conversations as prefixes of each other")
-        tail = before[before.rindex(_SENTINEL) + len(_SENTINEL):]
-        eos_text = self.tokenizer.decode([self.eos_id])
-        if not tail.startswith(eos_text):
-            raise ValueError(f"chat template does not end an assistant turn with eos {eos_text!r}")
-        return self.encode(tail[len(eos_text):] + after[len(before):])
+        """The feedback user turn ("Let's try again.") + assistant header, placed after a wrong answer."""
+        return self.user_turn_ids(self.feedback)
 
     def answer_ids(self, text: str) -> list[int]:
         """A reply as the model would emit it: its tokens then eos (used for SFT targets)."""
         return self._memoised("answer", text, lambda t: [*self.encode(t), self.eos_id])
 
+    def chat_ids(self, messages: list[Message]) -> tuple[list[int], list[int]]:
+        """A multi-message chat as token ids and its loss mask: 1 on the tokens of assistant messages with
+        `train` set (their content and closing eos), 0 on everything the template adds and on system and
+        user turns.
+
+        The layout is the one rollouts produce, piece by piece: prompt_ids(first user [, system]) +
+        answer + user_turn_ids(next user) + answer + ... Messages: an optional system message, then user
+        and assistant alternating, starting with user.
+        """
+        system = messages[0].content if messages and messages[0].role == "system" else None
+        rest = messages[1:] if system is not None else messages
+        if not rest or rest[0].role != "user":
+            raise ValueError("chat_ids: a chat starts with a user message (after an optional system one)")
+        ids = self.prompt_ids(rest[0].content, system)
+        mask = [0] * len(ids)
+        for prev, m in zip(rest, rest[1:], strict=False):
+            if m.role == prev.role or m.role not in ("user", "assistant"):
+                raise ValueError(f"chat_ids: {m.role!r} after {prev.role!r}; user and assistant must alternate")
+            piece = self.answer_ids(m.content) if m.role == "assistant" else self.user_turn_ids(m.content)
+            ids += piece
+            mask += [int(m.role == "assistant" and m.train)] * len(piece)
+        return ids, mask
+
     def sft_example(self, question: str, wrong_attempts: list[str], answer: str) -> tuple[list[int], list[int]]:
-        """A (possibly multi-turn) SFT conversation and its loss mask: 1 on the final answer only.
+        """A (possibly multi-turn) UFO SFT conversation and its loss mask: 1 on the final answer only.
 
         Earlier wrong attempts are context, like the question and the feedback: the model must learn
         to answer after "Let's try again.", not to reproduce wrong answers.
         """
-        ids = self.prompt_ids(question)
-        mask = [0] * len(ids)
+        messages = [Message("user", question)]
         for wrong in wrong_attempts:
-            piece = self.answer_ids(wrong) + self.feedback_ids
-            ids += piece
-            mask += [0] * len(piece)
-        final = self.answer_ids(answer)
-        return ids + final, mask + [1] * len(final)
+            messages += [Message("assistant", wrong, train=False), Message("user", self.feedback)]
+        return self.chat_ids([*messages, Message("assistant", answer)])

@@ -1,8 +1,10 @@
 """Model construction, loading, saving and the compute device: one place for every stage.
 
-The tiny default is a Llama-style decoder trained from scratch (no download). `init: pretrained`
-loads any causal LM with `from_pretrained` (a local folder or a hub id where a hub is reachable):
-the same code path real Qwen2.5 runs take.
+Three kinds of start (`ModelConfig.init`): the tiny default, a Llama-style decoder with a character
+tokenizer, trained from scratch; the tiny chat model, a Qwen2-architecture decoder with a locally
+trained BPE tokenizer and a ChatML template, also from scratch (no download either); and any pretrained
+causal LM loaded with `from_pretrained` (a local folder or a hub id where a hub is reachable), always
+from safetensors and without remote code unless the config allows it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from stages.common.chat import build_char_tokenizer, build_chatml_bpe_tokenizer
 from stages.common.model_spec import Device, ModelConfig
 
 
@@ -31,6 +42,13 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device)
 
 
+def _finish(model, tokenizer):
+    """Generation defaults every stage relies on: stop at the tokenizer's eos, pad with its pad token."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def new_scratch_model(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
     """A freshly initialised Llama-style decoder sized by `cfg`, with tied input/output embeddings."""
     config = LlamaConfig(
@@ -38,30 +56,94 @@ def new_scratch_model(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=cfg.attn_implementation,
     )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return _finish(LlamaForCausalLM(config), tokenizer)
 
 
-def load_pretrained(path: str | Path, device: torch.device):
-    """Model + tokenizer saved by `save_pretrained` (ours, or a hub model's local copy)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device)
+def new_chat_model(cfg: ModelConfig, tokenizer) -> Qwen2ForCausalLM:
+    """A freshly initialised Qwen2-architecture decoder (Qwen2.5's code path: GQA, q/k/v biases, RoPE)
+    sized by `cfg`, with tied embeddings as the small Qwen2.5 models have."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=cfg.attn_implementation,
+    )
+    return _finish(Qwen2ForCausalLM(config), tokenizer)
+
+
+def build_model(cfg: ModelConfig, texts: list[str], feedback: str, device: torch.device):
+    """The model + tokenizer a training stage starts from, as `cfg.init` says.
+
+    Args:
+        texts: the curated training texts (questions and answers) the scratch tokenizers are built from.
+        feedback: the unary feedback text (one token of the char tokenizer; ordinary BPE text otherwise).
+    Returns:
+        (model on `device`, tokenizer with its chat template).
+    """
+    if cfg.init == "scratch":
+        tokenizer = build_char_tokenizer(texts, feedback)
+        model = new_scratch_model(cfg, tokenizer)
+    elif cfg.init == "scratch_chat":
+        tokenizer = build_chatml_bpe_tokenizer([*texts, feedback], cfg.bpe_vocab_size)
+        model = new_chat_model(cfg, tokenizer)
+    else:
+        return load_pretrained(cfg.name_or_path, device, cfg)
+    model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     return model, tokenizer
 
 
+def load_tokenizer(path: str | Path, cfg: ModelConfig | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer with a pad token and the chat template `cfg` asks for (else its own)."""
+    kwargs = {} if cfg is None else {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if cfg is not None and cfg.chat_template is not None:
+        tokenizer.chat_template = cfg.chat_template
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{path}: the tokenizer has no chat template; set model.chat_template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_pretrained(path: str | Path, device: torch.device, cfg: ModelConfig | None = None):
+    """Model + tokenizer from a `save_pretrained` folder (ours, or a hub model's local copy) or a hub id.
+
+    Weights come from safetensors only (`use_safetensors=True`: a folder with only pickled weights is
+    refused rather than unpickled) and no remote code runs unless `cfg.trust_remote_code`. Without `cfg`
+    (a stage loading an upstream artifact) the model loads in float32 with sdpa attention.
+    """
+    cfg = cfg or ModelConfig(init="pretrained", name_or_path=str(path))
+    tokenizer = load_tokenizer(path, cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), revision=cfg.revision, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+    ).to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return _finish(model, tokenizer), tokenizer
+
+
 def save_pretrained(model, tokenizer, path: str | Path) -> Path:
+    """A folder plain transformers loads: config, safetensors weights, tokenizer and chat template."""
     path = Path(path)
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))

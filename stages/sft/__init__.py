@@ -7,6 +7,11 @@ near-miss wrong attempts it learns to copy the previous attempt (see
 shared/research/tiny-cpu-calibration.md). Training stops when sampled validation accuracy reaches a
 target, since a fixed step count lands different seeds in very different places.
 
+Scale: `engine` picks plain torch in this process, LoRA adapters (peft; the logged `model` is merged,
+the `adapter` is logged too) and/or DeepSpeed ZeRO-2/3 on `engine.num_processes` ranks that the stage
+launches itself (torchrun or the deepspeed launcher; rank 0 logs the metrics, the stage the artifacts).
+`micro_batch_size` accumulates gradients; `batching: pack` packs examples into rows.
+
 Launch: python -m stages.sft --config sft.yaml   (its `data` field holds the curate Output)
 """
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from stages.common.config import StageConfig
 from stages.common.contracts import DEFAULT_FEEDBACK, CurateOutput
 from stages.common.contracts import SFTOutput as Output
-from stages.common.model_spec import Device, ModelConfig
+from stages.common.model_spec import Device, EngineConfig, ModelConfig
 
 __all__ = ["Config", "Output"]
 
@@ -19,15 +21,36 @@ class Config(StageConfig):
     """The curate stage's Output (set by the flow; give it by hand to rerun this stage alone)."""
     model: ModelConfig = ModelConfig()
     """The policy to warm up."""
+    engine: EngineConfig = EngineConfig()
+    """How it trains: plain torch in this process (default), or DeepSpeed ZeRO-2/3 on `num_processes` ranks
+    this stage launches itself; full weights or LoRA adapters (the logged model is merged either way)."""
     feedback: str = DEFAULT_FEEDBACK
     """The unary feedback text used in multi-turn examples (the pipeline copies rl.feedback here)."""
     batch_size: int = Field(128, ge=1)
-    """Examples per optimizer step. Time per step grows linearly."""
+    """Examples per optimizer step, over all ranks. Time per step grows linearly. Must be a multiple of
+    micro_batch_size * engine.num_processes."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Examples per forward/backward on one rank; the step accumulates gradients over batch_size /
+    (micro_batch_size * num_processes) of them. Activation memory grows with it. None = the rank's whole
+    share of the step at once."""
+    batching: Literal["bucket", "pad", "pack"] = "bucket"
+    """How a micro-batch becomes tensors. `bucket`: one right-padded forward per number of earlier
+    attempts (few pad tokens; the forward count varies by step, so not with ZeRO-3). `pad`: one right-
+    padded forward. `pack`: examples concatenated into rows of pack_length tokens, attention kept within
+    each example (position ids restart), one forward with almost no padding."""
+    pack_length: int | None = Field(None, ge=16)
+    """Row length for batching=pack; None = the model's context length. Every example must fit."""
     lr: float = Field(3e-3, gt=0)
-    """AdamW peak learning rate (3e-3 suits the 0.5M scratch model; ~1e-5 for a 3B pretrained one)."""
+    """AdamW peak learning rate (3e-3 suits the 0.5M scratch model; ~1e-5 for a 3B pretrained one, ~1e-4
+    with LoRA)."""
     warmup_steps: int = Field(100, ge=0)
-    """Linear warm-up steps, then cosine decay to 10% at max_steps."""
+    """Linear warm-up steps, then cosine decay to min_lr_ratio * lr at max_steps."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Where the cosine decay ends, as a fraction of lr."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Clip the global gradient norm (over all ranks) to this before each update."""
     max_steps: int = Field(1200, ge=1)
     """Hard cap on optimizer steps (~8 steps/s for the tiny default on 2 cores)."""
     eval_every: int = Field(50, ge=1)
@@ -43,9 +66,28 @@ class Config(StageConfig):
     """Most wrong attempts before the final answer in a multi-turn example (keep < rl.max_turns)."""
     max_new_tokens: int = Field(8, ge=1)
     """Answer length cap when sampling for validation."""
+    log_every: int = Field(10, ge=1)
+    """Log loss, learning rate and gradient norm every this many steps."""
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.eval_every > self.max_steps:
             raise ValueError(f"eval_every: {self.eval_every} must be <= max_steps ({self.max_steps})")
+        ranks = self.engine.num_processes
+        per_step = (self.micro_batch_size or self.batch_size // ranks) * ranks
+        if self.batch_size % per_step:
+            raise ValueError(f"batch_size: {self.batch_size} must be a multiple of micro_batch_size * "
+                             f"engine.num_processes ({per_step}): every rank runs the same micro-steps")
+        if self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3 and self.batching == "bucket":
+            raise ValueError("batching: 'bucket' runs a varying number of forwards per step; ZeRO-3 gathers "
+                             "weights in every forward on every rank, so use 'pad' or 'pack'")
+        if self.engine.lora is not None and self.model.init != "pretrained":
+            raise ValueError("engine.lora: adapters on a randomly initialised model learn little; LoRA needs "
+                             "model.init 'pretrained'")
         return self
+
+    @property
+    def micro_steps(self) -> int:
+        """Forward/backward passes per optimizer step on each rank."""
+        ranks = self.engine.num_processes
+        return self.batch_size // ((self.micro_batch_size or self.batch_size // ranks) * ranks)

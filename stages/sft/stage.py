@@ -1,51 +1,58 @@
-"""SFT training (see stages/sft/__init__.py for what and why)."""
+"""SFT training (see stages/sft/__init__.py for what and why).
+
+One training loop, `fit`, runs either in the stage process (engine.kind=torch) or on every rank the stage
+launches (engine.kind=deepspeed: `python -m stages.sft.rank` under torchrun or the deepspeed launcher).
+Every rank draws the same global batch from the same seed and trains on its share; the stage process
+alone logs the artifacts and returns the Output, and rank 0 alone logs per-step metrics.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 
-from stages.common.chat import ChatFormat, build_char_tokenizer
+from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
 from stages.common.contracts import Problem, load_split, problems_from
+from stages.common.engine import TrainEngine, build_engine, launch_ranks
 from stages.common.episodes import rollout
 from stages.common.grading import equivalent
-from stages.common.model import (
-    load_pretrained,
-    new_scratch_model,
-    resolve_device,
-    save_pretrained,
-    seed_everything,
-)
+from stages.common.model import build_model, resolve_device, seed_everything
 from stages.common.runtime import set_cpu_threads
-from stages.common.tracking import StageContext, fetch_verified, log_artifact
+from stages.common.tracking import StageContext, fetch_verified, log_artifact, write_json_atomic
 from stages.sft.config import Config, Output
 
 log = logging.getLogger("ufo.sft")
 
+#: (token ids, loss mask, number of earlier wrong attempts) of one SFT conversation.
+Example = tuple[list[int], list[int], int]
+LogFn = Callable[[dict[str, float], int | None], None]
 
-def _lr_lambda(cfg: Config):
+
+def lr_lambda(cfg: Config) -> Callable[[int], float]:
+    """Multiplier of cfg.lr at optimizer step `step`: linear warm-up, then cosine to cfg.min_lr_ratio."""
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
 
 
-def make_batches(fmt: ChatFormat, problems: list[Problem], cfg: Config, rng: random.Random,
-                 device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """One optimizer step's examples as right-padded sub-batches; labels are -100 but on the final answer.
-
-    Examples are bucketed by their number of earlier attempts: padded together, every example would
-    be padded to the longest 4-attempt one (~4x a single-turn example), doubling a step's compute.
-    """
-    buckets: dict[int, list[tuple[list[int], list[int]]]] = {k: [] for k in range(cfg.max_wrong_attempts + 1)}
+def make_examples(fmt: ChatFormat, problems: list[Problem], cfg: Config, rng: random.Random) -> list[Example]:
+    """One optimizer step's conversations (all ranks' shares): a multi_turn_fraction of them answer after
+    1..max_wrong_attempts wrong attempts, each an answer to ANOTHER problem, each followed by feedback."""
+    examples = []
     for _ in range(cfg.batch_size):
         p = rng.choice(problems)
         wrong: list[str] = []
@@ -55,16 +62,23 @@ def make_batches(fmt: ChatFormat, problems: list[Problem], cfg: Config, rng: ran
                 other = rng.choice(problems).answer
                 if not equivalent(p.answer, other):
                     wrong.append(other)
-        buckets[len(wrong)].append(fmt.sft_example(p.question, wrong, p.answer))
-    return [_collate(examples, fmt.pad_id, device) for examples in buckets.values() if examples]
+        ids, mask = fmt.sft_example(p.question, wrong, p.answer)
+        examples.append((ids, mask, len(wrong)))
+    return examples
 
 
-def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in examples)
+def num_targets(examples: list[Example]) -> int:
+    """Tokens that carry loss (HF shifts labels by one: a first token is never a target)."""
+    return sum(sum(mask[1:]) for _, mask, _ in examples)
+
+
+def pad_batch(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids/attention_mask/labels [B, L]; labels are -100 where the mask is 0."""
+    width = max(len(ids) for ids, _, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # [B, L]
     attention = torch.zeros_like(input_ids)  # [B, L]
     labels = torch.full_like(input_ids, -100)  # [B, L]
-    for i, (ids, mask) in enumerate(examples):
+    for i, (ids, mask, _) in enumerate(examples):
         n = len(ids)
         input_ids[i, :n] = torch.tensor(ids)
         attention[i, :n] = 1
@@ -72,69 +86,194 @@ def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device: t
     return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
 
 
-def sft_loss(model, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean cross-entropy over all answer tokens of the step, whichever sub-batch they are in."""
-    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]  # HF shifts labels by one
-    total = sum(counts)
-    return sum(model(**b).loss * (n / total) for b, n in zip(batches, counts, strict=True))
+def pack_batch(examples: list[Example], pad_id: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Examples packed first-fit-decreasing into rows of `length` tokens: input_ids/position_ids/labels
+    [R, length] and NO attention mask.
+
+    Position ids restart at 0 for each example; transformers reads the restarts as sequence boundaries
+    and keeps attention within each example (masking_utils.find_packed_sequence_indices), with sdpa and
+    eager alike. Labels stay aligned: the first token of an example is template (mask 0), so the last
+    token of the one before it predicts nothing. Tail padding is a sequence of its own with no labels.
+    """
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e[0])):
+        if len(ex[0]) > length:
+            raise ConfigError(f"sft.pack_length: an example of {len(ex[0])} tokens does not fit rows of {length}")
+        slot = next((r for r, free in enumerate(room) if free >= len(ex[0])), None)
+        if slot is None:
+            rows.append([])
+            room.append(length)
+            slot = len(rows) - 1
+        rows[slot].append(ex)
+        room[slot] -= len(ex[0])
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # [R, length]
+    positions = torch.zeros_like(input_ids)  # [R, length]
+    labels = torch.full_like(input_ids, -100)  # [R, length]
+    for r, row in enumerate(rows):
+        at = 0
+        for ids, mask, _ in row:
+            n = len(ids)
+            input_ids[r, at:at + n] = torch.tensor(ids)
+            positions[r, at:at + n] = torch.arange(n)
+            labels[r, at:at + n] = torch.where(torch.tensor(mask) == 1, torch.tensor(ids), -100)
+            at += n
+        positions[r, at:] = torch.arange(length - at)
+    return {"input_ids": input_ids.to(device), "position_ids": positions.to(device), "labels": labels.to(device)}
 
 
-def sampled_accuracy(model, fmt: ChatFormat, problems: list[Problem], max_new_tokens: int) -> float:
+def micro_batches(examples: list[Example], cfg: Config, pad_id: int, pack_length: int,
+                  device: torch.device) -> list[list[dict[str, torch.Tensor]]]:
+    """This rank's examples as `cfg.micro_steps` micro-batches, each a list of forward inputs.
+
+    `bucket` gives one forward per number of earlier attempts: padded together, every example would be
+    padded to the longest 4-attempt one (~4x a single-turn example), doubling a step's compute.
+    """
+    size = math.ceil(len(examples) / cfg.micro_steps)
+    out = []
+    for start in range(0, len(examples), size):
+        chunk = examples[start:start + size]
+        if cfg.batching == "pack":
+            out.append([pack_batch(chunk, pad_id, pack_length, device)])
+        elif cfg.batching == "pad":
+            out.append([pad_batch(chunk, pad_id, device)])
+        else:
+            by_attempts: dict[int, list[Example]] = {}
+            for ex in chunk:
+                by_attempts.setdefault(ex[2], []).append(ex)
+            out.append([pad_batch(by_attempts[k], pad_id, device) for k in sorted(by_attempts)])
+    return out
+
+
+def loss_share(model, forwards: list[dict[str, torch.Tensor]], global_targets: int) -> torch.Tensor:
+    """Summed token cross-entropy of these forwards divided by the target count of the WHOLE step over all
+    ranks and micro-batches: the shares add up to the step's mean token loss exactly.
+
+    transformers' loss divides its sum by `num_items_in_batch` when given (the gradient-accumulation fix);
+    `use_cache=False` also lets packed rows be recognised (no cache object in the forward).
+    """
+    return sum(model(**f, use_cache=False, num_items_in_batch=global_targets).loss for f in forwards)
+
+
+def sampled_accuracy(model, fmt: ChatFormat, problems: list[Problem], max_new_tokens: int, seed: int) -> float:
+    """Single-turn accuracy at temperature 1, sampled from a fixed seed: every rank draws the same
+    samples (ZeRO-3 needs the same forwards on every rank) and the global RNG is left as it was."""
     model.eval()
-    eps = rollout(model, fmt, problems, group_size=1, max_turns=1, temperature=1.0, max_new_tokens=max_new_tokens)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        eps = rollout(model, fmt, problems, group_size=1, max_turns=1, temperature=1.0,
+                      max_new_tokens=max_new_tokens)
     model.train()
     return sum(e.solved_turn is not None for e in eps) / len(eps)
+
+
+def _all_ranks_sum(value: float, engine: TrainEngine) -> float:
+    if engine.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def _from_rank0(value: float, engine: TrainEngine) -> float:
+    """Rank 0's value on every rank, so that every rank takes the same stopping decision."""
+    if engine.world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: Path, log_metrics: LogFn) -> dict:
+    """Train; on rank 0 write the merged model to out_dir/model (and LoRA adapters to out_dir/adapter).
+
+    Returns the summary metrics (the same on every rank but for the timing; the stage logs rank 0's).
+    `log_metrics` is called on rank 0 only.
+    """
+    set_cpu_threads()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    texts = [*train_df.question, *train_df.answer]
+    model, tokenizer = build_model(config.model, texts, config.feedback, device)
+    fmt = ChatFormat(tokenizer, config.feedback)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine = build_engine(model, config.engine, lr=config.lr, weight_decay=config.weight_decay,
+                          grad_clip=config.grad_clip, lr_lambda=lr_lambda(config), micro_steps=config.micro_steps)
+    main = engine.rank == 0
+    n_trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    if main:
+        log_metrics({"model/parameters": n_params, "model/trainable_parameters": n_trainable}, None)
+        log.info("model: %s, %.2fM parameters (%.2fM trainable), vocab %d, on %s, %d rank(s)",
+                 type(model).__name__, n_params / 1e6, n_trainable / 1e6, len(tokenizer), device, engine.world_size)
+    pack_length = config.pack_length or int(model.config.max_position_embeddings)
+    train_problems, val_problems = problems_from(train_df), problems_from(val_df)
+    rng = random.Random(config.seed)
+    val_subset = rng.sample(val_problems, min(config.val_problems, len(val_problems)))
+    engine.module.train()
+    val_acc, step, t0 = 0.0, 0, time.time()
+    for step in range(1, config.max_steps + 1):
+        examples = make_examples(fmt, train_problems, config, rng)  # the same global batch on every rank
+        targets = num_targets(examples)
+        share = 0.0
+        for forwards in micro_batches(examples[engine.rank::engine.world_size], config, fmt.pad_id, pack_length,
+                                      device):
+            loss = loss_share(engine.module, forwards, targets)
+            engine.backward(loss)
+            share += loss.item()
+        grad_norm = engine.step()
+        if step % config.log_every == 0:
+            loss_value = _all_ranks_sum(share, engine)
+            if main:
+                log_metrics({"loss/sft": loss_value, "loss/grad_norm": grad_norm, "train/lr": engine.lr(),
+                             "perf/steps_per_second": step / (time.time() - t0)}, step)
+        if step % config.eval_every == 0 or step == config.max_steps:
+            val_acc = _from_rank0(sampled_accuracy(engine.hf_model, fmt, val_subset, config.max_new_tokens,
+                                                   seed=config.seed * 100_003 + step), engine)
+            loss_value = _all_ranks_sum(share, engine)
+            if main:
+                log_metrics({"val/sampled_accuracy": val_acc}, step)
+                log.info("step %d loss %.4f val sampled accuracy %.3f", step, loss_value, val_acc)
+            if val_acc >= config.target_val_accuracy:
+                break
+    reached = val_acc >= config.target_val_accuracy
+    if main and not reached:
+        log.warning("stopped at max_steps=%d with val accuracy %.3f < target %.3f",
+                    config.max_steps, val_acc, config.target_val_accuracy)
+    metrics = {"sft/steps": float(step), "sft/val_sampled_accuracy": val_acc,
+               "sft/target_reached": float(reached), "perf/train_seconds": time.time() - t0}
+    engine.export(tokenizer, out_dir / "model")  # a collective under ZeRO-3: every rank calls it
+    if config.engine.lora is not None:
+        engine.export_adapter(out_dir / "adapter")
+    return metrics
 
 
 def train(config: Config, ctx: StageContext) -> Output:
     if config.data is None:
         raise ConfigError("sft.data: the curate stage's Output is required (the flow sets it)")
-    set_cpu_threads()
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    train_df = load_split(fetch_verified(config.data.artifact("train"), ctx.workdir / "in"))
-    val_df = load_split(fetch_verified(config.data.artifact("val"), ctx.workdir / "in"))
-    if config.model.init == "scratch":
-        texts = [*train_df.question, *train_df.answer]
-        tokenizer = build_char_tokenizer(texts, config.feedback)
-        model = new_scratch_model(config.model, tokenizer).to(device)
+    train_path = fetch_verified(config.data.artifact("train"), ctx.workdir / "in")
+    val_path = fetch_verified(config.data.artifact("val"), ctx.workdir / "in")
+    if config.engine.kind == "torch":
+        metrics = fit(config, load_split(train_path), load_split(val_path), ctx.workdir,
+                      lambda m, step: mlflow.log_metrics(m, step=step))
     else:
-        model, tokenizer = load_pretrained(config.model.name_or_path, device)
-    fmt = ChatFormat(tokenizer, config.feedback)
-    n_params = sum(p.numel() for p in model.parameters())
-    mlflow.log_metric("model/parameters", n_params)
-    log.info("model: %s, %.2fM parameters, vocab %d, on %s", type(model).__name__, n_params / 1e6,
-             len(tokenizer), device)
-
-    train_problems, val_problems = problems_from(train_df), problems_from(val_df)
-    rng = random.Random(config.seed)
-    val_subset = rng.sample(val_problems, min(config.val_problems, len(val_problems)))
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
-    model.train()
-    val_acc, step, t0 = 0.0, 0, time.time()
-    for step in range(1, config.max_steps + 1):
-        loss = sft_loss(model, make_batches(fmt, train_problems, config, rng, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 10 == 0:
-            mlflow.log_metrics({"loss/sft": loss.item(), "perf/steps_per_second": step / (time.time() - t0)},
-                               step=step)
-        if step % config.eval_every == 0 or step == config.max_steps:
-            val_acc = sampled_accuracy(model, fmt, val_subset, config.max_new_tokens)
-            mlflow.log_metric("val/sampled_accuracy", val_acc, step=step)
-            log.info("step %d loss %.4f val sampled accuracy %.3f", step, loss.item(), val_acc)
-            if val_acc >= config.target_val_accuracy:
-                break
-    reached = val_acc >= config.target_val_accuracy
-    if not reached:
-        log.warning("stopped at max_steps=%d with val accuracy %.3f < target %.3f",
-                    config.max_steps, val_acc, config.target_val_accuracy)
-    metrics = {"sft/steps": float(step), "sft/val_sampled_accuracy": val_acc,
-               "sft/target_reached": float(reached), "perf/train_seconds": time.time() - t0}
+        metrics = _train_on_ranks(config, ctx, train_path, val_path)
     mlflow.log_metrics(metrics)
-    model_ref = log_artifact(save_pretrained(model, tokenizer, ctx.workdir / "model"), "model")
-    return Output(run_id=ctx.run_id, artifacts={"model": model_ref}, metrics=metrics)
+    artifacts = {"model": log_artifact(ctx.workdir / "model", "model")}
+    if (ctx.workdir / "adapter").is_dir():
+        artifacts["adapter"] = log_artifact(ctx.workdir / "adapter", "adapter")
+    return Output(run_id=ctx.run_id, artifacts=artifacts, metrics=metrics)
+
+
+def _train_on_ranks(config: Config, ctx: StageContext, train_path: Path, val_path: Path) -> dict:
+    """Launch engine.num_processes ranks of `stages.sft.rank` and wait; rank 0 leaves result.json."""
+    job = ctx.workdir / "job"
+    write_json_atomic(job / "job.json", {"config": config.model_dump(mode="json"), "train": str(train_path),
+                                         "val": str(val_path), "run_id": ctx.run_id, "out_dir": str(ctx.workdir)})
+    log.info("launching %d rank(s) with %s", config.engine.num_processes, config.engine.launcher)
+    code = launch_ranks(config.engine, "stages.sft.rank", [str(job / "job.json")])
+    result = job / "result.json"
+    if code != 0 or not result.is_file():
+        raise RuntimeError(f"sft ranks failed (launcher exit code {code}); see the ranks' output above")
+    return json.loads(result.read_text())

@@ -1,0 +1,331 @@
+"""Training engines: any causal LM + an AdamW config -> something that does backward, step and export,
+the same way whether it is plain torch in one process, LoRA adapters through peft, or a DeepSpeed ZeRO-2/3
+engine on one of several data-parallel ranks.
+
+    engine = build_engine(model, spec, lr=..., weight_decay=..., grad_clip=..., lr_lambda=...,
+                          micro_steps=...)
+    for micro_batch in step_batches:             # the same number on every rank
+        engine.backward(share_of_global_mean_loss(micro_batch))
+    grad_norm = engine.step()                    # clip, AdamW, lr schedule, zero grads
+    engine.export(tokenizer, folder)             # rank 0: a merged, plain-transformers folder
+
+Loss convention: every rank passes its share of the GLOBAL objective (e.g. summed token losses of its
+micro-batch divided by the token count of the whole step over all ranks), so that the shares add up to
+the single-process loss exactly; the engine undoes DeepSpeed's own averaging over ranks and micro-steps.
+Ranks are started by a launcher (`launch_ranks`), never by this module's caller directly: see
+`stages/sft/stage.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from stages.common.model import save_pretrained
+from stages.common.model_spec import EngineConfig
+
+#: Environment variables set by torchrun and the deepspeed launcher in every rank.
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class TrainEngine(Protocol):
+    """What a training loop sees. `module` is what forward is called on (LoRA-wrapped where asked)."""
+
+    module: nn.Module
+    hf_model: nn.Module
+    """The (LoRA-wrapped) transformers model itself, for `generate`."""
+    rank: int
+    world_size: int
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float: ...
+
+    def lr(self) -> float: ...
+
+    def export(self, tokenizer, path: str | Path) -> Path | None: ...
+
+    def export_adapter(self, path: str | Path) -> Path | None: ...
+
+
+def wrap_lora(model: nn.Module, spec: EngineConfig) -> nn.Module:
+    """Add peft LoRA adapters when `spec.lora` is set; freezes every base weight."""
+    if spec.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                      target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
+    return get_peft_model(model, lora)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _plain_model(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh CPU model with `state` loaded and any LoRA adapters merged by peft: what plain transformers
+    loads. `module` itself is left untouched (training can go on after an export).
+
+    Built on the CPU without random init (`no_init_weights`), so it costs one copy of the weights in host
+    memory, never on the accelerator; non-persistent buffers (RoPE frequencies) are built as usual.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    base = module.get_base_model() if hasattr(module, "peft_config") else module
+    with no_init_weights():
+        plain = AutoModelForCausalLM.from_config(copy.deepcopy(base.config), dtype=base.dtype)
+    plain.tie_weights()  # skipped with the init; an untied copy would save lm_head twice
+    if hasattr(module, "peft_config"):
+        from peft import get_peft_model
+
+        plain = get_peft_model(plain, module.peft_config["default"])
+    missing, unexpected = plain.load_state_dict({k: v.to("cpu") for k, v in state.items()}, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if base.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"export: state does not fit the model (missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]})")
+    if hasattr(plain, "peft_config"):
+        plain = plain.merge_and_unload()
+    plain.generation_config = base.generation_config
+    return plain.eval()
+
+
+class TorchEngine:
+    """One process, a plain AdamW (over the adapters only when LoRA is on)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, module: nn.Module, *, lr: float, weight_decay: float, grad_clip: float,
+                 lr_lambda: Callable[[int], float]):
+        self.module = self.hf_model = module
+        self.params = trainable_parameters(module)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.grad_clip = grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def export(self, tokenizer, path: str | Path) -> Path | None:
+        return save_pretrained(_plain_model(self.module, self.module.state_dict()), tokenizer, path)
+
+    def export_adapter(self, path: str | Path) -> Path | None:
+        self.module.save_pretrained(str(path))
+        return Path(path)
+
+
+def deepspeed_config(spec: EngineConfig, *, grad_clip: float, micro_steps: int, bf16: bool) -> dict:
+    """The DeepSpeed JSON config for `spec`. Batching is ours (micro-batches of whole examples or packed
+    rows), so DeepSpeed's batch sizes are nominal; what matters is the accumulation count."""
+    ds = spec.deepspeed
+    zero: dict = {"stage": ds.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": micro_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        # Our torch AdamW also with offload (DeepSpeedCPUAdam would need a compiled extension).
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed ZeRO-2/3 engine on this rank (the ranks were started by `launch_ranks`)."""
+
+    def __init__(self, module: nn.Module, spec: EngineConfig, *, lr: float, weight_decay: float, grad_clip: float,
+                 lr_lambda: Callable[[int], float], micro_steps: int):
+        import deepspeed
+
+        init_process_group(spec)
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.micro_steps, self.backwards = micro_steps, 0
+        params = trainable_parameters(module)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        bf16 = next(module.parameters()).dtype == torch.bfloat16
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, model_parameters=params,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+            config=deepspeed_config(spec, grad_clip=grad_clip, micro_steps=micro_steps, bf16=bf16))
+        self.module = self.ds  # forward goes through the engine (ZeRO-3 gathers parameters there)
+        self.hf_model = self.ds.module
+        self.zero_stage = spec.deepspeed.zero_stage
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over ranks; our loss is already this rank's share of the global
+        # mean, so scale it back up by the world size, and do not let it divide by the micro-steps again.
+        self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.ds.step()  # bookkeeping only, except at the accumulation boundary: clip, AdamW, schedule
+        self.backwards += 1
+
+    def step(self) -> float:
+        if self.backwards != self.micro_steps:
+            raise RuntimeError(f"engine.step: {self.backwards} backward calls in this step, the engine was "
+                               f"built for micro_steps={self.micro_steps}")
+        self.backwards = 0
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _full_state(self) -> dict[str, torch.Tensor] | None:
+        """The full state dict on rank 0 (None elsewhere); a collective under ZeRO-3: every rank calls it."""
+        if self.zero_stage == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+            return state if self.rank == 0 else None
+        return self.ds.module.state_dict() if self.rank == 0 else None
+
+    def export(self, tokenizer, path: str | Path) -> Path | None:
+        state = self._full_state()
+        if state is None:
+            return None
+        return save_pretrained(_plain_model(self.ds.module, state), tokenizer, path)
+
+    def export_adapter(self, path: str | Path) -> Path | None:
+        state = self._full_state()
+        if state is None:
+            return None
+        self.ds.module.save_pretrained(str(path), state_dict=state)  # peft keeps the adapter entries
+        return Path(path)
+
+
+def build_engine(model: nn.Module, spec: EngineConfig, *, lr: float, weight_decay: float, grad_clip: float,
+                 lr_lambda: Callable[[int], float], micro_steps: int = 1) -> TrainEngine:
+    """Wrap `model` (LoRA first, when asked) in the engine `spec` names.
+
+    Args:
+        lr_lambda: step -> multiplier of `lr` (warm-up, decay), stepped once per optimizer step.
+        micro_steps: backward calls per optimizer step on every rank (DeepSpeed needs it up front).
+    """
+    module = wrap_lora(model, spec)
+    if spec.kind == "torch":
+        return TorchEngine(module, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, lr_lambda=lr_lambda)
+    return DeepSpeedEngine(module, spec, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip,
+                           lr_lambda=lr_lambda, micro_steps=micro_steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranks: started by torchrun or the deepspeed launcher, stopped with the stage
+
+
+def is_rank_process() -> bool:
+    """True inside a rank started by a launcher (torchrun / deepspeed set RANK and WORLD_SIZE)."""
+    return all(k in os.environ for k in RANK_ENV)
+
+
+def init_process_group(spec: EngineConfig) -> None:
+    """Join the ranks' process group (once); gloo on CPU, nccl on GPUs unless `spec.backend` says."""
+    if not is_rank_process():  # one DeepSpeed rank in this very process (tests, single-GPU runs)
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if torch.distributed.is_initialized():
+        return
+    import deepspeed
+
+    backend = spec.backend if spec.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def die_with_parent() -> None:
+    """Make this rank exit when its launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG).
+
+    The flow stops a stage by signalling its whole process group, which holds the launcher and the
+    ranks; this covers the stage or the launcher being killed alone.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the prctl took effect
+        os._exit(143)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(spec: EngineConfig, module: str, args: list[str]) -> list[str]:
+    """The command that starts `spec.num_processes` ranks of `python -m module args` on this machine."""
+    n, port = spec.num_processes, str(free_port())
+    if spec.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--nnodes", "1",
+                "--master_addr", "127.0.0.1", "--master_port", port, "-m", module, *args]
+    # The deepspeed launcher counts GPUs; on a CPU-only machine --num_gpus still sets the rank count.
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
+            "--no_local_rank", "--module", module, *args]  # ranks read LOCAL_RANK from the environment
+
+
+def launch_ranks(spec: EngineConfig, module: str, args: list[str], *, env: dict[str, str] | None = None,
+                 grace_seconds: float = 10.0) -> int:
+    """Run the ranks to completion from the stage process; return the launcher's exit code.
+
+    The launcher stays in the stage's process group (so the flow's group kill reaches every rank) and gets
+    the parent-death signal (so a SIGKILLed stage leaves no rank behind). If the stage is interrupted
+    (KeyboardInterrupt, or `Terminated` from SIGTERM) while waiting, the launcher is stopped — SIGTERM,
+    which torchrun and the deepspeed launcher forward to their ranks, then SIGKILL after the grace — and
+    the interrupt propagates.
+    """
+    threads = max(1, int(os.environ.get("UFO_THREADS") or _cpu_budget()) // spec.num_processes)
+    env = {**os.environ, **(env or {}), "UFO_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+
+    def die_with_stage():  # between fork and exec, in the launcher
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+    proc = subprocess.Popen(launch_command(spec, module, args), env=env, preexec_fn=die_with_stage)
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+def _cpu_budget() -> int:
+    from stages.common.runtime import cpu_budget
+
+    return cpu_budget()
