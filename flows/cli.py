@@ -2,6 +2,7 @@
 
   ufo run CONFIG [--set a.b=c ...] [--from-run RUN_ID --only STAGE ...] [--force]
   ufo config validate CONFIG [--set a.b=c ...]
+  ufo ablate SUITE [--set k=v] [--force]                      (arms x seeds, pooled, with intervals)
   ufo grade FILE.jsonl        (rows {"gold": ..., "reply": ...} -> each row with "answer" and "correct")
   ufo images [--base-image IMAGE] [--torch-wheels DIR]        (the stage images; `make images`)
   ufo stack up [--pool NAME] | down | status                  (servers and a worker on this machine)
@@ -153,30 +154,11 @@ def cmd_run(args) -> int:
     if only:
         first = min(STAGES.index(s) for s in only)
         only = list(STAGES[first:])  # a rerun stage invalidates everything downstream of it
-    request_stop_on_signals(signal.SIGINT, signal.SIGTERM)
-    from flows.server import check_tracking, prefect_api  # stdlib only
-
-    uri = tracking_uri()
-    check_tracking(uri)
-    if cfg.flow.launcher != "local" and not uri.startswith(("http://", "https://")):
-        raise ConfigError(f"flow.launcher: {cfg.flow.launcher} needs an MLflow tracking server that serves "
-                          f"artifacts (MLFLOW_TRACKING_URI=http://...; `ufo stack up` starts one), not {uri}")
-    reuse = _reuse_from(args.from_run, only, cfg) if args.from_run else {}
-    check_stop()
-    _prepare_environment()
-    with prefect_api(workspace() / "prefect"):
-        from flows.pipeline import ufo_pipeline  # imports prefect: after PREFECT_API_URL is set
-
-        outcome = _in_worker_thread(lambda: ufo_pipeline(cfg.model_dump(mode="json"), reuse=reuse,
-                                                         force=args.force),
-                                    give_up_seconds=cfg.flow.stop_grace_seconds + 15)
-        if isinstance(outcome, BaseException):
-            if not isinstance(outcome, Exception):
-                raise outcome  # Terminated: main() reports it
-            # a stage failed: its run is FAILED, nothing downstream ran
-            print(f"error: pipeline failed: {outcome}", file=sys.stderr)
-            return 1
-        summary = outcome
+    reuse_from = (lambda: _reuse_from(args.from_run, only, cfg)) if args.from_run else dict
+    summary = _run_flow("pipeline", cfg.flow.launcher, cfg.flow.stop_grace_seconds, reuse_from,
+                        lambda reuse: _pipeline()(cfg.model_dump(mode="json"), reuse=reuse, force=args.force))
+    if summary is None:
+        return 1
     print(f"pipeline run {summary['pipeline_run_id']} (experiment {summary['experiment']}, {summary['tracking_uri']})")
     print("stage runs: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()))
     m = summary["metrics"]
@@ -186,6 +168,54 @@ def cmd_run(args) -> int:
             print(f"{name:>4}: Succ@1 {m[f'eval/{name}/succ_at_1']:.3f}  Succ@{T} {m[f'eval/{name}/succ_at_{T}']:.3f}  "
                   f"Pass@{T} {m[f'eval/{name}/pass_at_{T}']:.3f}  invalid {m[f'eval/{name}/invalid_rate']:.3f}  "
                   f"E/T {m[f'eval/{name}/effective_answer_ratio']:.3f}")
+    print("Inspect the runs:\n  " + "\n  ".join(ui_commands()))
+    return 0
+
+
+def _pipeline():
+    from flows.pipeline import ufo_pipeline  # imports prefect: only after PREFECT_API_URL is set
+
+    return ufo_pipeline
+
+
+def _run_flow(what: str, launcher: str, grace_seconds: float, prepare, flow_call):
+    """What `ufo run` and `ufo ablate` share: signals recorded from here on, the servers checked before
+    anything is created, the local Prefect server started (unless PREFECT_API_URL is set) and stopped
+    last, the flow run in a worker thread. Returns the flow's result, or None (printed) if it failed."""
+    request_stop_on_signals(signal.SIGINT, signal.SIGTERM)
+    from flows.server import check_tracking, prefect_api  # stdlib only
+
+    uri = tracking_uri()
+    check_tracking(uri)
+    if launcher != "local" and not uri.startswith(("http://", "https://")):
+        raise ConfigError(f"flow.launcher: {launcher} needs an MLflow tracking server that serves "
+                          f"artifacts (MLFLOW_TRACKING_URI=http://...; `ufo stack up` starts one), not {uri}")
+    prepared = prepare()  # e.g. --from-run's checks: before any server starts
+    check_stop()
+    _prepare_environment()
+    with prefect_api(workspace() / "prefect"):
+        outcome = _in_worker_thread(lambda: flow_call(prepared), give_up_seconds=grace_seconds + 15)
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, Exception):
+                raise outcome  # Terminated: main() reports it
+            # a stage failed: its run is FAILED, nothing downstream ran
+            print(f"error: {what} failed: {outcome}", file=sys.stderr)
+            return None
+    return outcome
+
+
+def cmd_ablate(args) -> int:
+    from flows.ablate import load_suite, run_ablation
+
+    _suite, arms = load_suite(args.suite, args.overrides)  # every arm validated before anything runs
+    first = next(iter(arms.values()))
+    summary = _run_flow("ablation", first.flow.launcher, first.flow.stop_grace_seconds, lambda: {},
+                        lambda _: run_ablation(args.suite, args.overrides, force=args.force))
+    if summary is None:
+        return 1
+    print(f"ablation run {summary['ablation_run_id']} (experiment {summary['experiment']}, {summary['tracking_uri']})")
+    print("arm runs: " + ", ".join(f"{k} {v}" for k, v in summary["arm_runs"].items()))
+    print("report: artifact report/ablation.html of the ablation run")
     print("Inspect the runs:\n  " + "\n  ".join(ui_commands()))
     return 0
 
@@ -224,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (_module, help_text) in TOOLS.items():  # dispatched by main() before parsing
         sub.add_parser(name, help=help_text, add_help=False)
+
+    abl_p = sub.add_parser("ablate", help="an ablation suite: arms x seeds from shared warm starts, pooled, "
+                                          "with intervals (configs/ablations/*.yaml)")
+    abl_p.add_argument("suite", help="suite YAML, e.g. configs/ablations/paper-tiny.yaml")
+    abl_p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a suite field, e.g. --set seeds=[0] or --set 'set=[rl.steps=20]'")
+    abl_p.add_argument("--force", action="store_true", help="run every stage even when the cache holds it")
+    abl_p.set_defaults(func=cmd_ablate)
 
     cfg_p = sub.add_parser("config", help="config tools")
     cfg_sub = cfg_p.add_subparsers(dest="config_command", required=True)

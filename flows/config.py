@@ -137,7 +137,11 @@ class PipelineConfig(StrictModel):
             if eval_tokens > model.max_position_embeddings:
                 raise ValueError(f"evaluate.max_turns: {self.evaluate.max_turns} turns do not fit "
                                  f"sft.model.max_position_embeddings = {model.max_position_embeddings}")
-        if self.sft.max_wrong_attempts >= self.rl.max_turns:
-            raise ValueError(f"sft.max_wrong_attempts: {self.sft.max_wrong_attempts} must be < rl.max_turns "
-                             f"({self.rl.max_turns}): SFT would teach longer conversations than an episode has")
+        # SFT prepares the model for the conversations it will have: RL's episodes, and evaluation's (a
+        # single-turn RL arm, T=1, is still evaluated over T=5 turns with feedback).
+        longest = max(self.rl.max_turns, self.evaluate.max_turns)
+        if self.sft.max_wrong_attempts >= longest:
+            raise ValueError(f"sft.max_wrong_attempts: {self.sft.max_wrong_attempts} must be < the longest episode, "
+                             f"max(rl.max_turns, evaluate.max_turns) = {longest}: SFT would teach longer "
+                             "conversations than any episode has")
         return self

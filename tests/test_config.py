@@ -55,7 +55,7 @@ def test_override_values_are_typed_yaml():
     (["rl.max_turns=9", "evaluate.num_samples=9"], "rl.max_turns: an episode of 9 turns can take"),
     (["rl.max_turns=6", "evaluate.num_samples=5"], "evaluate.num_samples: 5 must be >= max_turns (6)"),
     (["sft.model.num_heads=3"], "sft.model.num_heads: 3 must divide hidden_size"),
-    (["rl.max_turns=3"], "sft.max_wrong_attempts: 4 must be < rl.max_turns"),
+    (["rl.max_turns=3"], "sft.max_wrong_attempts: 4 must be < the longest episode"),
     (["sft.data.run_id=abc"], "sft.data"),
 ])
 def test_bad_config_names_the_field(tmp_path, monkeypatch, capsys, overrides, expected):

@@ -32,6 +32,8 @@ TAG_STAGE = "ufo.stage"
 TAG_PARENT = "mlflow.parentRunId"
 #: Why a run ended FAILED or KILLED (set by the stage itself, or by the flow when the stage died).
 TAG_FAILURE = "ufo.failure"
+#: The MLflow UI's experiment type (set on every experiment this project creates).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 #: Where a stage run keeps its own Output.
 OUTPUT_ARTIFACT = "ufo/output.json"
 
@@ -58,6 +60,10 @@ def configure(experiment: str) -> str:
             exp_id = client.get_experiment_by_name(experiment).experiment_id
     else:
         exp_id = exp.experiment_id
+    if exp is None or exp.tags.get(TAG_EXPERIMENT_KIND) != "custom_model_development":
+        # The MLflow 3 UI otherwise guesses "GenAI apps & agents" (traces, evaluations) for a new
+        # experiment; this one trains models: open it on runs, metrics and artifacts.
+        client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, "custom_model_development")
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

@@ -1,0 +1,210 @@
+"""`ufo ablate SUITE.yaml`: the paper's comparisons as one command, with intervals.
+
+A suite names a base pipeline config, seeds and arms (each a set of `rl.*` overrides). The flow curates
+once (every seed and arm sees the same problems, so their outcomes pool and pair), warms up one SFT
+model per seed (shared by every arm of that seed), trains every arm from it with the same budget, then
+evaluates every arm and the SFT start of a seed together, with the same sampling, with and without
+feedback at inference. Finally it pools the seeds and reports each arm's metrics and the paired
+differences the suite asks for, with 95% bootstrap intervals over problems.
+
+In MLflow: one ablation run (tag `ufo.kind=ablation`) holding the suite, the report and the pooled
+numbers; under it the curate run, each seed's SFT and evaluate runs, and one run per arm (tag
+`ufo.arm`) holding that arm's pooled metrics and, under it, its RL run for each seed. In Prefect: the
+ablation flow run, with one subflow run per (arm, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from flows.config import PipelineConfig
+from stages.common.config import ConfigError, StrictModel, apply_overrides, read_yaml, validate
+
+KIND_ABLATION = "ablation"
+TAG_ARM = "ufo.arm"
+TAG_SEED = "ufo.seed"
+
+
+class AblationConfig(StrictModel):
+    """An ablation suite (configs/ablations/*.yaml)."""
+
+    base: str
+    """The pipeline config every arm starts from, relative to the suite file (e.g. ../tiny.yaml)."""
+    set: list[str] = []
+    """Overrides applied to the base for every arm, as `--set` takes them (`evaluate.num_samples=10`)."""
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    """Training seeds: one SFT warm start per seed, every arm trained from it. The data (curate) and
+    hence the problems are the same for every seed, so outcomes pool over seeds."""
+    arms: dict[str, list[str]] = Field(min_length=2)
+    """Arm name -> its `rl.*` overrides. Arms differ only in RL: curate, SFT and evaluation are shared."""
+    compare: list[tuple[str, str]] = []
+    """(a, b) arm pairs whose paired difference b - a is reported (both evaluated with feedback).
+    Every arm is also compared with itself without feedback at inference."""
+    report_set: str = "test"
+    """The evaluation set whose pooled metrics go on the ablation run and in its headline table."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AblationConfig:
+        for arm, overrides in self.arms.items():
+            if arm in ("sft",) or "_vs_" in arm or arm.endswith("_no_feedback"):
+                raise ValueError(f"arms.{arm}: reserved name")
+            for item in overrides:
+                if not item.startswith("rl."):
+                    raise ValueError(f"arms.{arm}: {item!r} changes more than RL; arms share curate, SFT and "
+                                     "evaluation (put shared settings under `set`)")
+        for a, b in self.compare:
+            for name in (a, b):
+                if name not in self.arms and name != "sft":
+                    raise ValueError(f"compare: {name!r} is not an arm ({sorted(self.arms)}) nor 'sft'")
+        return self
+
+
+def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[AblationConfig, dict[str, PipelineConfig]]:
+    """The suite and each arm's full pipeline config (validated, so a bad arm fails before anything runs)."""
+    path = Path(path)
+    data = read_yaml(path)
+    if not data:
+        raise ConfigError(f"{path}: the suite is empty (see configs/ablations/paper-tiny.yaml)")
+    suite = validate(AblationConfig, apply_overrides(data, list(overrides or [])), str(path))
+    base_path = (path.parent / suite.base).resolve()
+    base = apply_overrides(read_yaml(base_path), list(suite.set))
+    # Evaluation keeps the base protocol (T turns, with and without feedback) whatever an arm trains with.
+    rl = base.get("rl") or {}
+    base.setdefault("evaluate", {}).setdefault("max_turns", rl.get("max_turns", 5))
+    base["evaluate"].setdefault("feedback", rl.get("feedback", "Let's try again."))
+    arms = {}
+    for arm, arm_overrides in suite.arms.items():
+        arm_data = apply_overrides(json.loads(json.dumps(base)), list(arm_overrides))
+        arms[arm] = validate(PipelineConfig, arm_data, f"{path}: arms.{arm}")
+    return suite, arms
+
+
+def _stage_config(cfg: PipelineConfig, stage: str, seed: int, **upstream: Any) -> dict[str, Any]:
+    stage_cfg = getattr(cfg, stage).model_copy(update={"seed": seed, **upstream})
+    return stage_cfg.model_dump(mode="json")
+
+
+def run_ablation(suite_path: str, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+    """The Prefect flow (defined lazily: this module is imported by the CLI before Prefect is)."""
+    return _flow()(suite_path, overrides or [], force)
+
+
+def _flow():
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+    from prefect import flow, get_run_logger
+
+    from flows.pipeline import run_stage
+    from flows.runs import close_run
+    from stages.common import report as rep
+    from stages.common.contracts import OUTPUT_TYPES
+    from stages.common.tracking import TAG_KIND, TAG_PARENT, configure, fetch_verified, write_json_atomic
+    from stages.common.workspace import tracking_uri, workspace
+
+    @flow(name="ufo-arm", flow_run_name="{arm}-seed{seed}")
+    def train_arm(arm: str, seed: int, rl_config: dict[str, Any], parent_run_id: str, experiment_id: str,
+                  flow_config: dict[str, Any], workdir: str, use_cache: bool) -> dict[str, Any]:
+        """One arm of the suite trained from one seed's warm start (its RL stage)."""
+        return run_stage.with_options(task_run_name=f"rl-{arm}-seed{seed}")(
+            "rl", rl_config, parent_run_id, experiment_id, flow_config, workdir, use_cache)
+
+    @flow(name="ufo-ablation", log_prints=True)
+    def ufo_ablation(suite_path: str, overrides: list[str], force: bool) -> dict[str, Any]:
+        logger = get_run_logger()
+        suite, arms = load_suite(suite_path, overrides)
+        first = next(iter(arms.values()))
+        experiment_id = configure(first.experiment)
+        client = MlflowClient()
+        workdir = workspace() / "ablations" / f"{int(time.time())}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        flow_cfg = first.flow.model_dump(mode="json")
+        parent = client.create_run(experiment_id, run_name=f"ablation-{Path(suite_path).stem}",
+                                   tags={TAG_KIND: KIND_ABLATION, "ufo.suite": Path(suite_path).name})
+        pid = parent.info.run_id
+        use_cache = not force
+        try:
+            client.log_text(pid, Path(suite_path).read_text(), "config/suite.yaml")
+            for arm, cfg in arms.items():
+                client.log_text(pid, cfg.model_dump_json(indent=2), f"config/arms/{arm}.json")
+            arm_runs = {arm: client.create_run(experiment_id, run_name=f"arm-{arm}", tags={
+                TAG_PARENT: pid, TAG_KIND: "arm", TAG_ARM: arm,
+                "mlflow.note.content": f"Arm `{arm}` of suite {Path(suite_path).name}: "
+                                       + (", ".join(suite.arms[arm]) or "the base config")}).info.run_id
+                        for arm in arms}
+            data = run_stage("curate", _stage_config(first, "curate", first.curate.seed), pid, experiment_id,
+                             flow_cfg, str(workdir), use_cache)
+            curate_out = OUTPUT_TYPES["curate"].model_validate(data)
+            examples = []
+            for seed in suite.seeds:
+                sft_out = OUTPUT_TYPES["sft"].model_validate(run_stage(
+                    "sft", _stage_config(first, "sft", seed, data=curate_out), pid, experiment_id, flow_cfg,
+                    str(workdir), use_cache))
+                models = {}
+                for arm, cfg in arms.items():
+                    rl_out = OUTPUT_TYPES["rl"].model_validate(train_arm(
+                        arm, seed, _stage_config(cfg, "rl", seed, data=curate_out, sft=sft_out), arm_runs[arm],
+                        experiment_id, flow_cfg, str(workdir), use_cache))
+                    models[arm] = rl_out.artifact("model").uri
+                eval_cfg = first.evaluate.model_copy(update={"seed": seed, "data": curate_out, "sft": sft_out,
+                                                             "models": models})
+                ev = OUTPUT_TYPES["evaluate"].model_validate(run_stage(
+                    "evaluate", eval_cfg.model_dump(mode="json"), pid, experiment_id, flow_cfg, str(workdir),
+                    use_cache))
+                examples.append(pd_read(fetch_verified(ev.artifact("examples"), workdir / f"examples-{seed}")))
+                logger.info("seed %d: evaluated sft and %s", seed, ", ".join(arms))
+            # Pool the seeds: one row per (problem, seed) per arm and condition; intervals over problems.
+            T = first.evaluate.max_turns
+            pairs = [(a, b) for a, b in suite.compare]
+            pairs += [(rep.label(m, False), rep.label(m, True)) for m in ["sft", *arms]]
+            results, comparisons = [], []
+            for set_name in sorted(set(examples[0].set)):
+                pooled = rep.arms_from_examples(examples, set_name, T)
+                rs, cs = rep.summarise_set(set_name, pooled, pairs)
+                results += rs
+                comparisons += cs
+            flat = rep.flat_metrics(results, comparisons)
+            headline = {k: v for k, v in flat.items()
+                        if k.startswith(f"eval/{suite.report_set}/") or (suite.report_set == "test" and
+                                                                         k.count("/") == 2)}
+            now = int(time.time() * 1000)
+            client.log_batch(pid, metrics=[Metric(k, v, now, 0) for k, v in sorted(headline.items())][:1000])
+            for arm, run_id in arm_runs.items():
+                mine = {k.replace(f"/{arm}/", "/", 1): v for k, v in headline.items() if f"/{arm}/" in k}
+                client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(mine.items())])
+                client.set_terminated(run_id, "FINISHED")
+            plots = rep.make_plots(results, comparisons, T)
+            notes = [f"Seeds {suite.seeds} pooled: each problem counts once per seed; the bootstrap resamples "
+                     "problems (a problem's outcomes over all seeds move together). The intervals do not "
+                     "include training-seed variance beyond these seeds."]
+            html = rep.build_html(results, comparisons, max_turns=T, plots=plots,
+                                  title=f"UFO ablation: {Path(suite_path).name}",
+                                  meta={"ablation run": pid, "arms": "; ".join(f"{a}: {', '.join(o) or 'base'}"
+                                                                               for a, o in suite.arms.items()),
+                                        "seeds": str(suite.seeds), "base": suite.base}, notes=notes)
+            client.log_text(pid, html, "report/ablation.html")
+            for name, png in plots.items():
+                (workdir / name).write_bytes(png)
+                client.log_artifact(pid, str(workdir / name), "report")
+            summary = {"ablation_run_id": pid, "experiment": first.experiment, "tracking_uri": tracking_uri(),
+                       "arm_runs": arm_runs, "metrics": headline}
+            write_json_atomic(workdir / "summary.json", summary)
+        except BaseException as err:
+            status = "KILLED" if not isinstance(err, Exception) else "FAILED"
+            for run_id in [pid, *locals().get("arm_runs", {}).values()]:
+                close_run(client, run_id, status, f"{type(err).__name__}: {err}")
+            raise
+        client.set_terminated(pid, "FINISHED")
+        return summary
+
+    return ufo_ablation
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_parquet(path)

@@ -1,0 +1,84 @@
+"""`ufo ablate`: arms from shared warm starts, pooled over seeds, with intervals; run for real on the
+micro pipeline (two seeds, two arms), then MLflow and Prefect are queried."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from flows.ablate import load_suite
+from stages.common.config import ConfigError
+from tests.conftest import REPO, find_runs, prefect_states, ufo_env, workspace_tracking_uri
+
+SUITE = "tests/configs/ablation-micro.yaml"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_suite_validates(path):
+    suite, arms = load_suite(path)
+    assert len(arms) >= 2 and all(a.evaluate.max_turns == 5 for a in arms.values())
+
+
+def test_the_single_turn_arm_is_configurable_and_still_evaluated_over_five_turns():
+    _suite, arms = load_suite(REPO / "configs" / "ablations" / "paper-tiny.yaml")
+    single = arms["single_turn"]
+    assert single.rl.max_turns == 1 and single.rl.repetition_penalty == 0
+    assert single.evaluate.max_turns == 5 and single.sft == arms["ufo"].sft  # one warm start for all arms
+
+
+def test_an_arm_that_changes_more_than_rl_is_refused(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"base: {REPO / 'tests/configs/micro.yaml'}\narms:\n  a: []\n  b: [sft.lr=0.1]\n")
+    with pytest.raises(ConfigError, match=r"arms\.b: 'sft.lr=0.1' changes more than RL"):
+        load_suite(suite)
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ablation")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "ablate", SUITE], cwd=REPO, capture_output=True,
+                          text=True, env=ufo_env(ws), timeout=1800)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    mlflow.set_tracking_uri(workspace_tracking_uri(ws))
+    return ws, proc
+
+
+def test_one_ablation_run_with_its_arms_stages_and_report(ablation, tmp_path):
+    ws, proc = ablation
+    (parent,) = find_runs("tags.`ufo.kind` = 'ablation'")
+    assert parent.info.status == "FINISHED"
+    pid = parent.info.run_id
+    children = find_runs(f"tags.`mlflow.parentRunId` = '{pid}'")
+    arms = {r.data.tags["ufo.arm"]: r for r in children if r.data.tags.get("ufo.kind") == "arm"}
+    assert sorted(arms) == ["single_turn", "ufo"] and all(r.info.status == "FINISHED" for r in arms.values())
+    stages = sorted(r.data.tags["ufo.stage"] for r in children if "ufo.stage" in r.data.tags)
+    assert stages == ["curate", "evaluate", "evaluate", "sft", "sft"]  # one curate; per seed one SFT, one evaluate
+    for arm, run in arms.items():
+        rl_runs = find_runs(f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert len(rl_runs) == 2 and {r.data.tags["ufo.stage"] for r in rl_runs} == {"rl"}, arm
+        assert {r.data.params["seed"] for r in rl_runs} == {"0", "1"}
+        assert {r.data.params["max_turns"] for r in rl_runs} == {"1" if arm == "single_turn" else "5"}
+        lo, mid, hi = (run.data.metrics[f"eval/succ_at_5{s}"] for s in ("_lo", "", "_hi"))
+        assert lo <= mid <= hi
+    m = parent.data.metrics
+    for name in ("succ_at_5", "pass_at_5", "effective_answer_ratio", "avg_turns"):
+        for who in ("sft", "single_turn", "ufo", "ufo_vs_single_turn"):
+            assert all(math.isfinite(m[f"eval/{who}/{name}{s}"]) for s in ("", "_lo", "_hi")), (who, name)
+    # Feedback at inference vs none (finding 4): single-turn metrics such as Pass@k do not depend on it.
+    assert all(math.isfinite(m[f"eval/ufo_vs_ufo_no_feedback/succ_at_5{s}"]) for s in ("", "_lo", "_hi"))
+    html = mlflow.artifacts.load_text(f"runs:/{pid}/report/ablation.html")
+    assert "single_turn" in html and "ufo − single_turn" in html and "<img" in html
+    # The pooled interval is over both seeds: 12 problems x 2 seeds.
+    assert "12 problems, 2 seed(s)" in html
+
+
+def test_prefect_shows_each_arm_and_seed_as_a_subflow_run(ablation):
+    ws, _ = ablation
+    flows = dict(prefect_states(ws)["flow_run"])
+    arm_runs = sorted(name for name in flows if name.startswith(("single_turn-seed", "ufo-seed")))
+    assert arm_runs == ["single_turn-seed0", "single_turn-seed1", "ufo-seed0", "ufo-seed1"]
+    assert all(state == "COMPLETED" for state in flows.values()), flows
