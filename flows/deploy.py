@@ -16,8 +16,9 @@ import os
 from datetime import timedelta
 
 from flows.config import STAGES, PipelineConfig
-from flows.server import check_prefect_api
+from flows.server import check_prefect_api, check_tracking
 from stages.common.config import ConfigError, load_config
+from stages.common.workspace import tracking_uri
 
 
 def _pool_type(pool: str) -> str:
@@ -38,18 +39,22 @@ def image_job_variables(pool_type: str, image: str) -> dict:
     return {}
 
 
-def deploy(cfg: PipelineConfig, pool: str, name: str, cron: str | None, interval: float | None) -> list[str]:
+def deploy(cfg: PipelineConfig, pool: str, name: str, cron: str | None, interval: float | None,
+           tracking: str) -> list[str]:
     from prefect.deployments.runner import EntrypointType
 
+    from flows.launchers import FORWARDED_ENV
     from flows.pipeline import ufo_pipeline
     from flows.stage_flow import ufo_stage
 
     pool_type = _pool_type(pool)
+    # Where the runs go, for flow runs the scheduler starts with nobody's environment behind them.
+    env = {"MLFLOW_TRACKING_URI": tracking} | {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     created = []
     for stage in STAGES:
         dep = ufo_stage.to_deployment(
             name=stage, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH,
-            job_variables=image_job_variables(pool_type, cfg.flow.image(stage)),
+            job_variables=image_job_variables(pool_type, cfg.flow.image(stage)) | {"env": env},
             description=f"The {stage} stage of the UFO pipeline (python -m stages.{stage}); started by the "
                         "pipeline's `deployment` launcher with the stage config as parameters.",
             tags=["ufo", stage])
@@ -59,7 +64,7 @@ def deploy(cfg: PipelineConfig, pool: str, name: str, cron: str | None, interval
     dep = ufo_pipeline.to_deployment(
         name=name, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH,
         parameters={"config": pipeline_cfg.model_dump(mode="json")},
-        job_variables=image_job_variables(pool_type, cfg.flow.image("curate")),
+        job_variables=image_job_variables(pool_type, cfg.flow.image("curate")) | {"env": env},
         cron=cron, interval=timedelta(seconds=interval) if interval else None,
         description="The UFO pipeline: curate -> SFT -> multi-turn RL -> evaluate, each stage a deployment run.",
         tags=["ufo", "pipeline"])
@@ -88,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("PREFECT_API_URL is not set: deployments live on a Prefect server "
                           "(`ufo stack up`, then `source .ufo/stack/env.sh`)")
     check_prefect_api(url)
-    for line in deploy(cfg, args.pool, args.name or cfg.experiment, args.cron, args.interval):
+    tracking = tracking_uri()
+    if not tracking.startswith(("http://", "https://")):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: deployed stages run under a worker and need an MLflow server "
+                          f"that serves artifacts, not {tracking} (`ufo stack up`, then `source .ufo/stack/env.sh`)")
+    check_tracking(tracking)
+    for line in deploy(cfg, args.pool, args.name or cfg.experiment, args.cron, args.interval, tracking):
         print(f"deployed {line}")
     print(f"run it: prefect deployment run 'ufo-pipeline/{args.name or cfg.experiment}'")
     return 0

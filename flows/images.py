@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import json
 import os
 import re
 import shutil
@@ -91,6 +92,8 @@ def prepare_context(torch_wheels: Path | None) -> None:
     pip = _pip_config()
     cert = os.environ.get("PIP_CERT") or next(
         (pip.get(s, "cert") for s in pip.sections() if pip.has_option(s, "cert")), None)
+    digests = {stage: code_digest(stage) for stage in STAGE_TARGETS}
+    (BUILD_DIR / "code-digests.json").write_text(json.dumps(digests, indent=2))
     (BUILD_DIR / "ca.pem").write_bytes(Path(cert).read_bytes() if cert and Path(cert).is_file() else b"")
     if torch_wheels is None:  # pip's configured find-links (where this machine keeps its CPU torch wheel)
         for s in pip.sections():

@@ -10,6 +10,7 @@ stage container and a scheduled deployment, then stops everything it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -102,6 +103,16 @@ def _check_contract(pipeline, tmp_path: Path) -> dict:
     return by_stage
 
 
+@contextlib.contextmanager
+def prefect_client(api_url: str):
+    """A Prefect client of the stack's server (settings are read once per process: override them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        yield client
+
+
 def _container_starts(since: float) -> list[tuple[str, str]]:
     """(stage label, image) of every container Docker started since `since`, from its own event log."""
     out = _docker("events", "--since", f"{since:.0f}", "--until", f"{time.time():.0f}", "--filter", "type=container",
@@ -138,8 +149,7 @@ def test_an_identical_run_is_all_cache_hits_and_fast(stack):
 
 
 def test_deployment_launcher_runs_each_stage_as_a_child_flow_run_under_the_worker(stack, tmp_path):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     t0 = time.time()
     proc = stack.ufo("run", SMOKE, "--set", "flow.launcher=deployment", "--force")
@@ -149,17 +159,16 @@ def test_deployment_launcher_runs_each_stage_as_a_child_flow_run_under_the_worke
     _check_contract(pipeline, tmp_path)
     starts = _container_starts(t0 - 1)
     assert sorted(image for _, image in starts) == sorted(f"ufo-{s}:latest" for s in STAGES), starts
-    os.environ["PREFECT_API_URL"] = stack.env["PREFECT_API_URL"]
-    try:
-        with get_client(sync_client=True) as client:
-            parent_id = pipeline.data.tags["prefect.flow_run_id"]
-            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
-            names = sorted(client.read_deployment(c.deployment_id).name for c in children)
-            assert names == sorted(STAGES)
-            assert all(c.state.is_completed() for c in children)
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
+    with prefect_client(stack.env["PREFECT_API_URL"]) as client:
+        parent_id = pipeline.data.tags["prefect.flow_run_id"]
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(STAGES))))
+        # A deployment run started from inside the flow is its subflow: its parent is a task run of
+        # the pipeline's flow run (the `run_stage` task that started it).
+        children = [r for r in runs if r.parent_task_run_id is not None
+                    and str(client.read_task_run(r.parent_task_run_id).flow_run_id) == parent_id]
+        names = sorted(client.read_deployment(c.deployment_id).name for c in children)
+        assert names == sorted(STAGES)
+        assert all(c.state.is_completed() for c in children)
 
 
 def test_a_sigkilled_stage_container_fails_cleanly_and_a_rerun_completes(stack, tmp_path):
@@ -187,27 +196,22 @@ def test_a_sigkilled_stage_container_fails_cleanly_and_a_rerun_completes(stack, 
 
 
 def test_a_scheduled_deployment_fires_by_itself(stack):
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     deploy = stack.ufo("deploy", MICRO, "--pool", "ufo-docker", "--name", "every-minute", "--interval", "60")
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    os.environ["PREFECT_API_URL"] = stack.env["PREFECT_API_URL"]
-    try:
-        with get_client(sync_client=True) as client:
-            dep = client.read_deployment_by_name("ufo-pipeline/every-minute")
-            deadline, state = time.monotonic() + 900, None
-            while time.monotonic() < deadline:
-                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
-                done = [r for r in runs if r.state and r.state.is_final()]
-                if done:
-                    state = done[0].state
-                    break
-                time.sleep(5)
-            client.pause_deployment(dep.id)  # one firing is the test; no more
-            assert state is not None and state.is_completed(), state
-            assert runs[0].auto_scheduled, "it was started by its schedule, not by hand"
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
+    with prefect_client(stack.env["PREFECT_API_URL"]) as client:
+        dep = client.read_deployment_by_name("ufo-pipeline/every-minute")
+        deadline, state = time.monotonic() + 900, None
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            done = [r for r in runs if r.state and r.state.is_final()]
+            if done:
+                state = done[0].state
+                break
+            time.sleep(5)
+        client.pause_deployment(dep.id)  # one firing is the test; no more
+        assert state is not None and state.is_completed(), state
+        assert runs[0].auto_scheduled, "it was started by its schedule, not by hand"
     (pipeline,) = _pipelines("ufo-micro")
     assert pipeline.info.status == "FINISHED" and pipeline.data.tags["ufo.launcher"] == "deployment"
