@@ -1,0 +1,131 @@
+"""Episodes as tensors: the step's batch, its length-bucketed micro-batches, and the problem order.
+
+A batch is right-padded once to its longest episode; a micro-batch takes some rows and trims the
+columns to its own longest row. Sorting episodes by length before cutting micro-batches keeps the
+padding (wasted forward/backward slots) small: at T = 5 episodes run from one turn to five, and one
+tensor padded to the longest wastes about half of its slots.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields
+
+import torch
+
+from stages.common.contracts import Problem
+from stages.common.episodes import Episode
+
+
+@dataclass
+class Batch:
+    """Episodes as right-padded tensors, B rows, W = longest episode.
+
+    input_ids: [B, W] episode token ids exactly as played; attention_mask: [B, W];
+    response_mask: [B, L] (L = W-1) 1 where token j+1 was sampled by the policy (aligned with log-probs);
+    rollout_logprobs: [B, L] the rollout engine's log-prob of each sampled token (0 elsewhere);
+    lengths: [B] tokens per episode.
+    Filled in before the update (None until then): advantages [B] (GRPO) or [B, L] (PPO); returns [B, L]
+    the critic's targets; old_logprobs, ref_logprobs, old_values [B, L] at rollout time.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    lengths: torch.Tensor
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, idx: torch.Tensor, device: torch.device | None = None) -> Batch:
+        """The rows `idx`, trimmed to their own longest episode (and moved to `device`)."""
+        width = int(self.lengths[idx].max())
+        return Batch(*(_take(getattr(self, f.name), idx, width, f.name, device) for f in fields(self)))
+
+
+def _take(t: torch.Tensor | None, idx: torch.Tensor, width: int, name: str, device) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t[idx]
+    if t.dim() == 2:  # token tensors: [B, W] or the [B, W-1] position tensors
+        t = t[:, : width if name in ("input_ids", "attention_mask") else width - 1]
+    return t.to(device) if device is not None else t
+
+
+def collate(episodes: list[Episode], pad_id: int) -> Batch:
+    """Pack episodes exactly as they were played: same ids, mask on the generated ones. Stays on CPU;
+    micro-batches move to the device one at a time."""
+    seqs = [e.token_ids() for e in episodes]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, W]
+    attn = torch.zeros_like(ids)  # [B, W]
+    resp = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, W] (shifted below)
+    lps = torch.zeros((len(seqs), width), dtype=torch.float32)  # [B, W]
+    for i, (e, s) in enumerate(zip(episodes, seqs, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        resp[i, : len(s)] = torch.tensor(e.response_mask())
+        recorded = [lp for t in e.turns for lp in (*[0.0] * len(t.context_ids), *_logprobs(t))]
+        lps[i, : len(recorded)] = torch.tensor(recorded)
+    lengths = attn.sum(dim=1)  # [B]
+    return Batch(ids, attn, resp[:, 1:], lps[:, 1:], lengths)
+
+
+def _logprobs(turn) -> list[float]:
+    return turn.logprobs if len(turn.logprobs) == len(turn.answer_ids) else [0.0] * len(turn.answer_ids)
+
+
+def micro_batches(lengths: torch.Tensor, idx: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
+    """Split the rows `idx` into micro-batches of similar length: sort by length, then cut greedily so
+    that rows x longest row <= token_budget (dynamic batch size, as verl's use_dynamic_bsz).
+
+    Args: lengths: [B] tokens per episode; idx: [N] rows to split. Returns: index tensors covering idx.
+    """
+    order = idx[torch.sort(lengths[idx], stable=True).indices]  # [N] shortest first
+    chunks: list[torch.Tensor] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        # the row at end-1 is the longest so far (sorted); would it overflow the budget?
+        if (end - start) * int(lengths[order[end - 1]]) > token_budget and end - 1 > start:
+            chunks.append(order[start:end - 1])
+            start = end - 1
+    chunks.append(order[start:])
+    return chunks
+
+
+def padding_share(lengths: torch.Tensor, chunks: list[torch.Tensor]) -> float:
+    """Share of the token slots of `chunks` (each padded to its longest row) that are padding."""
+    slots = sum(len(c) * int(lengths[c].max()) for c in chunks)
+    real = sum(int(lengths[c].sum()) for c in chunks)
+    return 1.0 - real / slots
+
+
+def step_problems(problems: list[Problem], seed: int, step: int, per_step: int) -> list[Problem]:
+    """The problems of 1-based step `step`: a fresh permutation of the training set per epoch (seeded by
+    `seed` and the epoch), consumed `per_step` at a time. A pure function of (seed, step): the data
+    position of a resumed run is exactly the step it resumes at."""
+    n = len(problems)
+    out: list[Problem] = []
+    for pos in range((step - 1) * per_step, step * per_step):
+        epoch, offset = divmod(pos, n)
+        out.append(problems[_permutation(n, seed, epoch)[offset]])
+    return out
+
+
+_PERMS: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERMS:
+        perm = list(range(n))
+        random.Random(f"{seed}/{epoch}").shuffle(perm)
+        _PERMS.clear()  # one epoch at a time is enough
+        _PERMS[key] = perm
+    return _PERMS[key]
