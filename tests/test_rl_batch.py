@@ -1,0 +1,144 @@
+"""The RL step's batching: length-bucketed micro-batches, gradient accumulation that does not change the
+gradient, the skipped "old" forward that does not change the update, and the seeded problem order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.common.episodes import rollout
+from stages.common.model import save_pretrained
+from stages.rl import Config
+from stages.rl.batch import collate, micro_batches, padding_share, step_problems
+from stages.rl.models import build_models, critic_values, score
+from stages.rl.rewards import episode_return
+from stages.rl.stage import assign_advantages, episode_returns, forward_all, update
+from tests.conftest import multiplication_problems
+
+
+def test_micro_batches_sort_by_length_and_respect_the_token_budget():
+    lengths = torch.tensor([5, 2, 9, 3, 3])
+    chunks = micro_batches(lengths, torch.arange(5), token_budget=10)
+    # sorted: rows 1 (2), 3 (3), 4 (3), 0 (5), 2 (9)
+    # [1, 3, 4]: 3 rows x 3 = 9 <= 10; adding row 0 would be 4 x 5 = 20 > 10
+    # [0]: adding row 2 would be 2 x 9 = 18 > 10 ; [2] alone (9)
+    assert [c.tolist() for c in chunks] == [[1, 3, 4], [0], [2]]
+    # slots 3*3 + 5 + 9 = 23, tokens 2+3+3+5+9 = 22 -> 1/23 padding; one tensor would be 5 x 9 = 45 slots
+    assert padding_share(lengths, chunks) == pytest.approx(1 / 23)
+    assert padding_share(lengths, [torch.arange(5)]) == pytest.approx(1 - 22 / 45)
+    # a row longer than the budget still gets a micro-batch of its own
+    assert [c.tolist() for c in micro_batches(torch.tensor([4, 30]), torch.arange(2), 10)] == [[0], [1]]
+
+
+def test_step_problems_are_a_pure_function_of_seed_and_step_and_cover_each_epoch():
+    problems = multiplication_problems(10)
+    epoch = [p.id for s in range(1, 6) for p in step_problems(problems, seed=3, step=s, per_step=2)]
+    assert sorted(epoch) == sorted(p.id for p in problems)  # 5 steps x 2 = one pass, no repeats
+    assert [p.id for p in step_problems(problems, 3, 4, 2)] == epoch[6:8]  # same answer asked again, any order
+    assert epoch != [p.id for s in range(1, 6) for p in step_problems(problems, 4, s, 2)]  # the seed matters
+    crossing = step_problems(problems, 3, 6, 3)  # positions 15..17: epoch 1, another permutation
+    assert len(crossing) == 3
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, tmp_path_factory):
+    """A rollout of the tiny random model, saved and reloaded the way the stage loads the SFT model."""
+    model, fmt, problems = tiny
+    folder = save_pretrained(model, fmt.tokenizer, tmp_path_factory.mktemp("m"))
+    torch.manual_seed(3)
+    episodes = rollout(model, fmt, problems[:4], group_size=4, max_turns=3, temperature=1.0, max_new_tokens=6)
+    return folder, fmt, episodes
+
+
+def _prepared(cfg: Config, folder, fmt, episodes, *, old_forward: bool):
+    torch.manual_seed(0)
+    models = build_models(cfg, folder, torch.device("cpu"))
+    batch = collate(episodes, fmt.pad_id)
+    chunks = micro_batches(batch.lengths, torch.arange(len(batch)), cfg.micro_batch_tokens)
+    if models.reference is not None:
+        batch.ref_logprobs = forward_all(lambda mb: score(models.reference, mb, 1.0).logprobs, batch, chunks,
+                                         torch.device("cpu"))
+    if old_forward:
+        batch.old_logprobs = forward_all(lambda mb: score(models.policy, mb, 1.0).logprobs, batch, chunks,
+                                         torch.device("cpu"))
+    if models.critic is not None:
+        batch.old_values = forward_all(lambda mb: critic_values(models, mb), batch, chunks, torch.device("cpu"))
+    returns = torch.linspace(-1, 1, len(episodes))  # distinct returns: every group carries a signal
+    assign_advantages(batch, returns, cfg)
+    return models, batch
+
+
+def _params(models) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in models.policy.parameters()]
+    if models.critic is not None:
+        out += [p.detach().clone() for p in models.critic.parameters()]
+    return out
+
+
+CASES = [dict(algorithm="grpo"), dict(algorithm="ppo", critic="separate"), dict(algorithm="ppo", critic="value_head")]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=["grpo", "ppo-separate", "ppo-value-head"])
+def test_gradient_accumulation_over_micro_batches_matches_one_big_batch(setup, kw):
+    folder, fmt, episodes = setup
+    results = []
+    for budget in (4096, 60):  # one micro-batch vs several (episodes here are 12-37 tokens)
+        cfg = Config(problems_per_step=4, group_size=4, minibatch_size=16, micro_batch_tokens=budget,
+                     max_turns=3, max_new_tokens=6, max_prompt_tokens=12, max_feedback_tokens=4, kl_coef=0.1, lr=1e-2, critic_lr=1e-2, **kw)
+        models, batch = _prepared(cfg, folder, fmt, episodes, old_forward=False)
+        if budget == 60:
+            assert len(micro_batches(batch.lengths, torch.arange(len(batch)), budget)) >= 3
+        before = _params(models)
+        update(models, batch, cfg, torch.device("cpu"))
+        after = _params(models)
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # something was learned
+        results.append(after)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("kw", CASES, ids=["grpo", "ppo-separate", "ppo-value-head"])
+def test_skipping_the_old_forward_gives_the_same_update(setup, kw):
+    """One epoch, one minibatch: the detached log-probs of the update's own forward equal a separate
+    pre-update forward, so skipping that forward changes nothing."""
+    folder, fmt, episodes = setup
+    cfg = Config(problems_per_step=4, group_size=4, minibatch_size=16, max_turns=3, max_new_tokens=6,
+                 kl_coef=0.1, lr=1e-2, critic_lr=1e-2, **kw)
+    assert cfg.skips_old_forward
+    results = []
+    for old_forward in (True, False):
+        models, batch = _prepared(cfg, folder, fmt, episodes, old_forward=old_forward)
+        stats = update(models, batch, cfg, torch.device("cpu"))
+        assert stats["loss/clip_fraction"] == 0.0  # ratio exactly 1 in both cases
+        results.append(_params(models))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_old_forward_runs_when_it_is_not_redundant():
+    base = dict(problems_per_step=4, group_size=4, max_turns=3, max_new_tokens=6)
+    assert Config(**base, minibatch_size=16).skips_old_forward
+    assert not Config(**base, minibatch_size=8).skips_old_forward  # two optimizer steps per rollout
+    assert not Config(**base, minibatch_size=16, ppo_epochs=2).skips_old_forward
+    assert not Config(**base, minibatch_size=16, kl_mode="reward").skips_old_forward  # needed before the update
+    assert Config(**base, minibatch_size=16, kl_mode="reward", kl_coef=0.0).skips_old_forward
+
+
+def test_collated_rows_are_trimmed_to_their_own_longest_episode(setup):
+    _, fmt, episodes = setup
+    batch = collate(episodes, fmt.pad_id)
+    shortest = torch.argsort(batch.lengths)[:3]
+    mb = batch.rows(shortest)
+    width = int(batch.lengths[shortest].max())
+    assert mb.input_ids.shape == (3, width) and mb.response_mask.shape == (3, width - 1)
+    for row, i in enumerate(shortest.tolist()):
+        assert mb.input_ids[row, : batch.lengths[i]].tolist() == episodes[i].token_ids()
+    # the engine's log-probs sit exactly on the generated positions
+    assert torch.equal(batch.rollout_logprobs != 0, batch.response_mask.bool())
+
+
+def test_episode_returns_follow_rollout_order(setup):
+    _, _, episodes = setup
+    cfg = Config(problems_per_step=4, group_size=4, minibatch_size=16)
+    expected = [episode_return(e.solved_turn, e.num_distinct, e.num_turns, 0.5, 0.5) for e in episodes]
+    assert episode_returns(episodes, cfg).tolist() == pytest.approx(expected)
