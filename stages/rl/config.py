@@ -152,6 +152,8 @@ class Config(StageConfig):
         if self.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
             raise ValueError("rollout_engine: 'vllm' needs the vllm package, which is not importable here "
                              "(pip install vllm on a CUDA machine), or use 'hf'")
+        if self.rollout_engine == "vllm" and self.device == "cpu":
+            raise ValueError("rollout_engine: 'vllm' runs on a GPU, but device is 'cpu'; use 'hf'")
         return self
 
     @property

@@ -15,11 +15,11 @@ from mlflow.tracking import MlflowClient
 
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
-from stages.common.contracts import load_split, problems_from
+from stages.common.contracts import Problem, load_split, problems_from
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import episode_metrics
 from stages.common.model import resolve_device, save_pretrained, seed_everything
-from stages.common.rollout_engines import make_engine
+from stages.common.rollout_engines import RolloutEngine, make_engine
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import StageContext, fetch_verified, log_artifact
 from stages.rl import checkpoint
@@ -61,43 +61,9 @@ def train(config: Config, ctx: StageContext) -> Output:
     first_step, history = _resume(config, models, ctx)
     t_start = time.time()
     for step in range(first_step, config.steps + 1):
-        timer = PhaseTimer()
-        # 1. rollout
-        with timer("rollout"):
-            models.train(False)
-            episodes = rollout(None, fmt, step_problems(problems, config.seed, step, config.problems_per_step),
-                               group_size=config.group_size, max_turns=config.max_turns,
-                               temperature=config.temperature, max_new_tokens=config.max_new_tokens, engine=engine)
-        # 2. reward (answers were graded during the rollout: the feedback depends on it)
-        with timer("reward"):
-            all_returns = episode_returns(episodes, config)  # [P*G]
-            kept = keep_spread_groups(all_returns.view(config.problems_per_step, config.group_size),
-                                      config.rollout_filter_fraction)  # [K]
-            rows = (kept[:, None] * config.group_size + torch.arange(config.group_size)).flatten()  # [K*G]
-            batch = collate([episodes[i] for i in rows.tolist()], fmt.pad_id)
-            returns = all_returns[rows]  # [K*G]
-            chunks = micro_batches(batch.lengths, torch.arange(len(batch)), config.micro_batch_tokens)
-        with timer("ref_forward"):
-            if models.reference is not None:
-                batch.ref_logprobs = forward_all(lambda mb: score(models.reference, mb, config.temperature).logprobs,
-                                                 batch, chunks, device)
-        with timer("old_forward"):
-            if not config.skips_old_forward:
-                batch.old_logprobs = forward_all(lambda mb: score(models.policy, mb, config.temperature).logprobs,
-                                                 batch, chunks, device)
-        with timer("value_forward"):
-            if models.critic is not None:
-                batch.old_values = forward_all(lambda mb: critic_values(models, mb), batch, chunks, device)
-        # 3. advantage
-        with timer("advantage"):
-            adv_stats = assign_advantages(batch, returns, config)
-        # 4. update
-        with timer("update"):
-            update_stats = update(models, batch, config, device)
-            engine.sync_weights(models.policy)
+        # 1-4. rollout -> reward -> advantage -> update
+        metrics = train_step(config, step, models, engine, fmt, problems, device)
         # 5. log
-        metrics = update_stats | adv_stats | step_metrics(episodes, all_returns, batch, chunks, config)
-        metrics |= timer.metrics()
         mlflow.log_metrics(metrics, step=step)
         history.append({"step": step, **metrics})
         if step % 10 == 0 or step == first_step:
@@ -110,6 +76,47 @@ def train(config: Config, ctx: StageContext) -> Output:
             checkpoint.save_checkpoint(models, step, history, ctx.workdir / "checkpoints")
             mlflow.log_metric("perf/checkpoint_seconds", time.time() - t0, step=step)
     return _finish(config, models, history, first_step, time.time() - t_start, ctx)
+
+
+def train_step(config: Config, step: int, models: Models, engine: RolloutEngine, fmt: ChatFormat,
+               problems: list[Problem], device: torch.device) -> dict[str, float]:
+    """One RL step, phase by phase; returns its metrics (perf/<phase>_seconds for each phase)."""
+    timer = PhaseTimer()
+    # 1. rollout
+    with timer("rollout"):
+        models.train(False)
+        episodes = rollout(None, fmt, step_problems(problems, config.seed, step, config.problems_per_step),
+                           group_size=config.group_size, max_turns=config.max_turns,
+                           temperature=config.temperature, max_new_tokens=config.max_new_tokens, engine=engine)
+    # 2. reward (answers were graded during the rollout: the feedback depends on it), rollout filter
+    with timer("reward"):
+        all_returns = episode_returns(episodes, config)  # [P*G]
+        kept = keep_spread_groups(all_returns.view(config.problems_per_step, config.group_size),
+                                  config.rollout_filter_fraction)  # [K]
+        rows = (kept[:, None] * config.group_size + torch.arange(config.group_size)).flatten()  # [K*G]
+        batch = collate([episodes[i] for i in rows.tolist()], fmt.pad_id)
+        returns = all_returns[rows]  # [K*G]
+        chunks = micro_batches(batch.lengths, torch.arange(len(batch)), config.micro_batch_tokens)
+    # the log-probs and values at rollout time that the advantage and the loss need
+    with timer("ref_forward"):
+        if models.reference is not None:
+            batch.ref_logprobs = forward_all(lambda mb: score(models.reference, mb, config.temperature).logprobs,
+                                             batch, chunks, device)
+    with timer("old_forward"):
+        if not config.skips_old_forward:
+            batch.old_logprobs = forward_all(lambda mb: score(models.policy, mb, config.temperature).logprobs,
+                                             batch, chunks, device)
+    with timer("value_forward"):
+        if models.critic is not None:
+            batch.old_values = forward_all(lambda mb: critic_values(models, mb), batch, chunks, device)
+    # 3. advantage
+    with timer("advantage"):
+        adv_stats = assign_advantages(batch, returns, config)
+    # 4. update
+    with timer("update"):
+        update_stats = update(models, batch, config, device)
+        engine.sync_weights(models.policy)
+    return update_stats | adv_stats | step_metrics(episodes, all_returns, batch, chunks, config) | timer.metrics()
 
 
 # --- the phases ----------------------------------------------------------------------------------
