@@ -16,16 +16,21 @@ from stages.rl.stage import assign_advantages, episode_returns, forward_all, upd
 from tests.conftest import multiplication_problems
 
 
-def test_micro_batches_sort_by_length_and_respect_the_token_budget():
+def test_micro_batches_sort_by_length_and_minimise_slots_plus_calls():
     lengths = torch.tensor([5, 2, 9, 3, 3])
-    chunks = micro_batches(lengths, torch.arange(5), token_budget=10)
-    # sorted: rows 1 (2), 3 (3), 4 (3), 0 (5), 2 (9)
-    # [1, 3, 4]: 3 rows x 3 = 9 <= 10; adding row 0 would be 4 x 5 = 20 > 10
-    # [0]: adding row 2 would be 2 x 9 = 18 > 10 ; [2] alone (9)
+    rows = torch.arange(5)
+    # sorted: rows 1 (2), 3 (3), 4 (3), 0 (5), 2 (9); budget 10 slots per micro-batch
+    # call cost 0: cut wherever the length changes -> [2] [3,3] [5] [9], 22 slots, no padding
+    assert [c.tolist() for c in micro_batches(lengths, rows, 10, call_cost=0)] == [[1], [3, 4], [0], [2]]
+    # call cost 10: [2,3,3] [5] [9] = 9 + 5 + 9 slots + 3 calls * 10 = 53 beats the 4 calls above
+    # (22 + 40 = 62); [2,3,3,5] would be 4 x 5 = 20 > 10 slots, over the budget
+    chunks = micro_batches(lengths, rows, 10, call_cost=10)
     assert [c.tolist() for c in chunks] == [[1, 3, 4], [0], [2]]
     # slots 3*3 + 5 + 9 = 23, tokens 2+3+3+5+9 = 22 -> 1/23 padding; one tensor would be 5 x 9 = 45 slots
     assert padding_share(lengths, chunks) == pytest.approx(1 / 23)
-    assert padding_share(lengths, [torch.arange(5)]) == pytest.approx(1 - 22 / 45)
+    assert padding_share(lengths, [rows]) == pytest.approx(1 - 22 / 45)
+    # a huge budget and call cost: one micro-batch
+    assert [c.tolist() for c in micro_batches(lengths, rows, 1000, call_cost=1000)] == [[1, 3, 4, 0, 2]]
     # a row longer than the budget still gets a micro-batch of its own
     assert [c.tolist() for c in micro_batches(torch.tensor([4, 30]), torch.arange(2), 10)] == [[0], [1]]
 
@@ -82,12 +87,13 @@ CASES = [dict(algorithm="grpo"), dict(algorithm="ppo", critic="separate"), dict(
 def test_gradient_accumulation_over_micro_batches_matches_one_big_batch(setup, kw):
     folder, fmt, episodes = setup
     results = []
-    for budget in (4096, 60):  # one micro-batch vs several (episodes here are 12-37 tokens)
+    for budget, call_cost in ((4096, 10**6), (60, 0)):  # one micro-batch vs one per distinct length
         cfg = Config(problems_per_step=4, group_size=4, minibatch_size=16, micro_batch_tokens=budget,
-                     max_turns=3, max_new_tokens=6, max_prompt_tokens=12, max_feedback_tokens=4, kl_coef=0.1, lr=1e-2, critic_lr=1e-2, **kw)
+                     micro_batch_call_cost=call_cost, max_turns=3, max_new_tokens=6, max_prompt_tokens=12,
+                     max_feedback_tokens=4, kl_coef=0.1, lr=1e-2, critic_lr=1e-2, **kw)
         models, batch = _prepared(cfg, folder, fmt, episodes, old_forward=False)
         if budget == 60:
-            assert len(micro_batches(batch.lengths, torch.arange(len(batch)), budget)) >= 3
+            assert len(micro_batches(batch.lengths, torch.arange(len(batch)), budget)) >= 4
         before = _params(models)
         update(models, batch, cfg, torch.device("cpu"))
         after = _params(models)

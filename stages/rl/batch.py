@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from stages.common.contracts import Problem
@@ -81,22 +82,36 @@ def _logprobs(turn) -> list[float]:
     return turn.logprobs if len(turn.logprobs) == len(turn.answer_ids) else [0.0] * len(turn.answer_ids)
 
 
-def micro_batches(lengths: torch.Tensor, idx: torch.Tensor, token_budget: int) -> list[torch.Tensor]:
-    """Split the rows `idx` into micro-batches of similar length: sort by length, then cut greedily so
-    that rows x longest row <= token_budget (dynamic batch size, as verl's use_dynamic_bsz).
+def micro_batches(lengths: torch.Tensor, idx: torch.Tensor, token_budget: int,
+                  call_cost: int = 0) -> list[torch.Tensor]:
+    """Split the rows `idx` into micro-batches of similar length, each padded to its own longest row.
+
+    Rows are sorted by length and cut into contiguous runs that minimise
+        sum over micro-batches of (rows x longest row)  +  call_cost x number of micro-batches
+    subject to rows x longest row <= token_budget (a row longer than the budget goes alone). A dynamic
+    programme over the sorted lengths (O(N^2), N ~ hundreds); `call_cost` is what one more forward/
+    backward call costs, in token slots: 0 cuts wherever a length changes, a large one packs the budget.
 
     Args: lengths: [B] tokens per episode; idx: [N] rows to split. Returns: index tensors covering idx.
     """
     order = idx[torch.sort(lengths[idx], stable=True).indices]  # [N] shortest first
+    lens = lengths[order].numpy()
+    n = len(lens)
+    best = np.full(n + 1, np.inf)  # best[i]: cheapest split of the first i rows
+    best[0] = 0.0
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        width = int(lens[i - 1])  # the longest of rows j..i-1 (sorted)
+        j = np.arange(max(0, i - max(1, token_budget // width)), i)  # first rows allowed by the budget
+        costs = best[j] + (i - j) * width + call_cost
+        k = int(np.argmin(costs))  # first minimum: the larger micro-batch on ties
+        best[i], cut[i] = costs[k], j[k]
     chunks: list[torch.Tensor] = []
-    start = 0
-    for end in range(1, len(order) + 1):
-        # the row at end-1 is the longest so far (sorted); would it overflow the budget?
-        if (end - start) * int(lengths[order[end - 1]]) > token_budget and end - 1 > start:
-            chunks.append(order[start:end - 1])
-            start = end - 1
-    chunks.append(order[start:])
-    return chunks
+    i = n
+    while i > 0:
+        chunks.append(order[int(cut[i]):i])
+        i = int(cut[i])
+    return chunks[::-1]
 
 
 def padding_share(lengths: torch.Tensor, chunks: list[torch.Tensor]) -> float:

@@ -92,9 +92,14 @@ class Config(StageConfig):
     """Episodes per optimizer step; must divide the episodes kept per step. Fewer than all of them =
     several optimizer steps per rollout, and the "old" log-prob forward must run."""
     micro_batch_tokens: int = Field(4096, ge=1)
-    """Padded token slots per forward/backward (gradient accumulation in between). Episodes are sorted
-    by length and packed greedily under this budget, so few slots are padding. Bounds activation
-    memory; must hold the longest possible episode."""
+    """Most padded token slots per forward/backward (gradient accumulation in between): bounds activation
+    memory; must hold the longest possible episode. Episodes are sorted by length and cut into
+    micro-batches each padded only to its own longest episode (see `micro_batch_call_cost`)."""
+    micro_batch_call_cost: int = Field(256, ge=0)
+    """What one more forward/backward call costs, in token slots: the cut into micro-batches minimises
+    padded slots + this x calls. 0 = a micro-batch per distinct length (no padding, many small calls);
+    large = as few calls as the budget allows. At T = 5 with the tiny default, 256 gives ~4 calls and
+    ~6% padding, vs ~55% for one tensor padded to the longest episode."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each rollout batch. 1 with one minibatch = strictly on-policy: the ratio is exactly 1,
     so the "old" log-prob forward is skipped (the update's own forward, detached, is used)."""

@@ -96,7 +96,8 @@ def train_step(config: Config, step: int, models: Models, engine: RolloutEngine,
         rows = (kept[:, None] * config.group_size + torch.arange(config.group_size)).flatten()  # [K*G]
         batch = collate([episodes[i] for i in rows.tolist()], fmt.pad_id)
         returns = all_returns[rows]  # [K*G]
-        chunks = micro_batches(batch.lengths, torch.arange(len(batch)), config.micro_batch_tokens)
+        chunks = micro_batches(batch.lengths, torch.arange(len(batch)), config.micro_batch_tokens,
+                               config.micro_batch_call_cost)
     # the log-probs and values at rollout time that the advantage and the loss need
     with timer("ref_forward"):
         if models.reference is not None:
@@ -186,7 +187,7 @@ def update(models: Models, batch: Batch, cfg: Config, device: torch.device) -> d
             idx = order[start:start + cfg.minibatch_size]
             tokens = batch.response_mask[idx].sum().clamp(min=1)
             models.zero_grad()
-            for chunk in micro_batches(batch.lengths, idx, cfg.micro_batch_tokens):
+            for chunk in micro_batches(batch.lengths, idx, cfg.micro_batch_tokens, cfg.micro_batch_call_cost):
                 mb = batch.rows(chunk, device)
                 weight = float(mb.response_mask.sum() / tokens)
                 loss, stats = micro_batch_loss(models, mb, cfg)
