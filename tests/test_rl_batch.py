@@ -9,7 +9,7 @@ import torch
 from stages.common.episodes import rollout
 from stages.common.model import save_pretrained
 from stages.rl import Config
-from stages.rl.batch import collate, micro_batches, padding_share, step_problems
+from stages.rl.batch import Batch, collate, micro_batches, padding_share, step_problems
 from stages.rl.models import build_models, critic_values, score
 from stages.rl.rewards import episode_return
 from stages.rl.stage import assign_advantages, episode_returns, forward_all, update
@@ -148,3 +148,35 @@ def test_episode_returns_follow_rollout_order(setup):
     cfg = Config(problems_per_step=4, group_size=4, minibatch_size=16)
     expected = [episode_return(e.solved_turn, e.num_distinct, e.num_turns, 0.5, 0.5) for e in episodes]
     assert episode_returns(episodes, cfg).tolist() == pytest.approx(expected)
+
+
+def _hand_batch(old, ref, mask, values=None) -> Batch:
+    mask = torch.tensor(mask)
+    b = mask.shape[0]
+    return Batch(input_ids=torch.zeros(b, mask.shape[1] + 1, dtype=torch.long), attention_mask=torch.ones(b, 4),
+                 response_mask=mask, rollout_logprobs=torch.zeros(mask.shape), lengths=torch.full((b,), 4),
+                 old_logprobs=torch.tensor(old), ref_logprobs=torch.tensor(ref),
+                 old_values=None if values is None else torch.tensor(values))
+
+
+def test_kl_as_a_reward_term_enters_gae_per_token():
+    batch = _hand_batch([[-1.0, -2.0, -3.0]], [[-1.5, 0.0, -2.0]], [[1, 0, 1]], values=[[0.2, 9.0, 0.5]])
+    cfg = Config(algorithm="ppo", kl_mode="reward", kl_coef=0.1, gamma_gae=1.0, lambda_gae=1.0,
+                 whiten_advantages=False, problems_per_step=1, group_size=2, minibatch_size=2)
+    assign_advantages(batch, torch.tensor([1.0]), cfg)
+    # rewards: -0.1 * (old - ref) on generated tokens = (-0.05, -, +0.1); the return 1.0 on the last one
+    #          -> (-0.05, 0, 1.1)
+    # GAE (gamma = lambda = 1), position 1 skipped: A2 = 1.1 - 0.5 = 0.6 ; A0 = -0.05 + 0.5 - 0.2 + 0.6 = 0.85
+    torch.testing.assert_close(batch.advantages, torch.tensor([[0.85, 0.0, 0.6]]))
+    torch.testing.assert_close(batch.returns, torch.tensor([[1.05, 0.0, 1.1]]))  # A + V
+
+
+def test_kl_as_a_reward_term_shapes_grpo_returns():
+    # two episodes of one problem, equal returns: only the KL charge tells them apart
+    batch = _hand_batch([[-1.0, -3.0], [-1.0, -1.0]], [[-1.5, -2.0], [-1.0, -1.0]], [[1, 1], [1, 1]])
+    cfg = Config(algorithm="grpo", kl_mode="reward", kl_coef=0.1, problems_per_step=1, group_size=2,
+                 minibatch_size=2)
+    assign_advantages(batch, torch.tensor([0.0, 0.0]), cfg)
+    # episode 0 is charged -0.1 * ((-1 + 1.5) + (-3 + 2)) = -0.1 * -0.5 = +0.05; episode 1 nothing
+    # group (0.05, 0): mean 0.025, population std 0.025 -> (+1, -1)
+    torch.testing.assert_close(batch.advantages, torch.tensor([1.0, -1.0]), rtol=0, atol=1e-4)
