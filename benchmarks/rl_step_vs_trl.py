@@ -48,7 +48,7 @@ from stages.common.chat import ChatFormat, build_char_tokenizer  # noqa: E402
 from stages.common.contracts import Problem  # noqa: E402
 from stages.common.episodes import rollout  # noqa: E402
 from stages.common.grading import grade  # noqa: E402
-from stages.common.model import new_scratch_model, save_pretrained  # noqa: E402
+from stages.common.model import load_pretrained, new_scratch_model, save_pretrained  # noqa: E402
 from stages.common.model_spec import ModelConfig  # noqa: E402
 from stages.common.rollout_engines import HFEngine  # noqa: E402
 from stages.common.runtime import cpu_budget  # noqa: E402
@@ -151,7 +151,7 @@ def trl_trainer(model_dir: Path, fmt: ChatFormat, problems: list[Problem], steps
         steps_per_generation=1, num_iterations=1, max_completion_length=8, temperature=1.0, top_k=0, top_p=1.0,
         learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         beta=0.01, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group",
-        bf16=False, gradient_checkpointing=False, use_cpu=True, max_steps=steps, logging_steps=1,
+        bf16=False, gradient_checkpointing=False, use_cpu=True, max_steps=steps, logging_steps=10**6,
         disable_tqdm=True,
         report_to="none", save_strategy="no", seed=seed, disable_dropout=True, dataloader_num_workers=0,
         model_init_kwargs={"dtype": "float32"},
@@ -172,20 +172,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per contender (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per contender")
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the scratch model (0 = random)")
+    parser.add_argument("--sft-model", type=Path, help="a save_pretrained folder to start from instead (e.g. one "
+                        "an earlier run of this script saved; its tokenizer must be this task's)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("UFO_THREADS") or cpu_budget()))
     parser.add_argument("--padding-rollouts", type=int, default=4, help="T=5 rollouts for the padding share")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import TrainerCallback
 
     torch.set_num_threads(args.threads)
     problems, fmt = problems_and_format()
-    t0 = time.time()
-    base = sft_model(fmt, problems, args.sft_steps, args.seed)
-    print(f"model: 0.53M-parameter Llama-style, SFT {args.sft_steps} steps in {time.time() - t0:.0f} s; "
-          f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     tmp = tempfile.mkdtemp(prefix="ufo-bench-")
-    folder = save_pretrained(base, fmt.tokenizer, Path(tmp) / "sft")
+    t0 = time.time()
+    if args.sft_model:
+        folder = args.sft_model
+        base, tokenizer = load_pretrained(folder, torch.device("cpu"))
+        fmt = ChatFormat(tokenizer, FEEDBACK)
+        made = f"loaded from {folder}"
+    else:
+        base = sft_model(fmt, problems, args.sft_steps, args.seed)
+        folder = save_pretrained(base, fmt.tokenizer, Path(tmp) / "sft")
+        made = f"SFT {args.sft_steps} steps in {time.time() - t0:.0f} s, saved to {folder}"
+    print(f"model: 0.53M-parameter Llama-style, {made}; torch {torch.__version__}, {args.threads} threads, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
 
     # the project's step, exactly as the stage runs it (minus MLflow)
     cfg = project_config(max_turns=1)
@@ -215,6 +224,8 @@ def main() -> None:
             floor(self.n)
             floor_seconds = time.perf_counter() - t
             if self.n > args.warmup:
+                # TRL keeps each step's metrics until it logs (never, with logging_steps = 10**6)
+                lengths["trl"].append(trainer._metrics["train"]["completions/mean_length"][-1])
                 times["trl"].append(trl_seconds)
                 times["project"].append(project_seconds)
                 times["floor"].append(floor_seconds)
@@ -222,12 +233,8 @@ def main() -> None:
                 lengths["project"].append(metrics["rollout/generated_tokens"] / 256)
             self.mark = time.perf_counter()
 
-        def on_log(self, *_, logs=None, **__):
-            if logs and "completions/mean_length" in logs:
-                lengths["trl"].append(logs["completions/mean_length"])
 
     trainer = trl_trainer(folder, fmt, problems, args.steps + args.warmup, args.seed, Interleave(), tmp)
-    trainer.remove_callback(PrinterCallback)  # TRL logs every step (for its completion lengths); don't print
     trainer.train()
 
     print(f"\nsingle-turn RL step, 32 prompts x 8 completions, <= 8 new tokens, KL 0.01, {args.threads} threads "
@@ -235,7 +242,7 @@ def main() -> None:
     for name in ("project", "trl", "floor"):
         print("  " + summary(name, times[name]))
     print(f"  mean completion length: project {statistics.mean(lengths['project']):.2f} tokens (incl. eos), "
-          f"TRL {statistics.mean(lengths['trl'][args.warmup:] or lengths['trl']):.2f}")
+          f"TRL {statistics.mean(lengths['trl']):.2f}")
     print("  project step by phase (median s): " + ", ".join(
         f"{k.removeprefix('perf/').removesuffix('_seconds')} {statistics.median(p[k] for p in phases):.3f}"
         for k in phases[0] if k != "perf/step_seconds"))

@@ -11,7 +11,7 @@ from stages.rl.losses import grpo_loss
 from stages.rl.models import score
 
 
-def _episodes(tiny, temperature=1.0, turns=4):
+def _episodes(tiny, temperature=1.0, turns=5):
     model, fmt, problems = tiny
     torch.manual_seed(1)
     return rollout(model, fmt, problems[:8], group_size=4, max_turns=turns, temperature=temperature, max_new_tokens=6)
@@ -20,7 +20,7 @@ def _episodes(tiny, temperature=1.0, turns=4):
 def test_episode_ids_and_mask_rebuilt_from_pieces(tiny):
     _, fmt, _ = tiny
     episodes = _episodes(tiny)
-    assert sum(e.num_turns >= 3 for e in episodes) >= 8, "need several multi-turn episodes"
+    assert sum(e.num_turns == 5 for e in episodes) >= 8, "need several five-turn episodes"
     for e in episodes:
         # Expected layout, built independently from the template pieces and the sampled ids.
         ids = fmt.prompt_ids(e.problem.question)

@@ -91,8 +91,13 @@ def find_checkpoint(key: str, experiment_id: str, current_run_id: str) -> Found 
     return best[2] if best else None
 
 
-def save_checkpoint(models: Models, step: int, history: list[dict[str, float]], workdir: Path) -> ArtifactRef:
-    """Write the training state to `workdir`, log it to the active run, then point the tag at it."""
+def save_checkpoint(models: Models, step: int, data_position: int, history: list[dict[str, float]],
+                    workdir: Path) -> ArtifactRef:
+    """Write the training state to `workdir`, log it to the active run, then point the tag at it.
+
+    `data_position` (problems consumed so far) is recorded for readers; resuming needs only the step,
+    since `batch.step_problems` is a pure function of (seed, step).
+    """
     folder = workdir / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     save_model(models.policy, str(folder / "policy.safetensors"))
@@ -104,6 +109,7 @@ def save_checkpoint(models: Models, step: int, history: list[dict[str, float]], 
     torch.save(_torch_rng_states(), folder / "torch_rng.pt")
     (folder / "state.json").write_text(json.dumps({
         "step": step,
+        "data_position": data_position,
         "python_rng": _jsonable(random.getstate()),
         "numpy_rng": _jsonable(np.random.get_state()),
         "history": history,

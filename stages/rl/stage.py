@@ -73,7 +73,8 @@ def train(config: Config, ctx: StageContext) -> Output:
         # 6. checkpoint
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
             t0 = time.time()
-            checkpoint.save_checkpoint(models, step, history, ctx.workdir / "checkpoints")
+            checkpoint.save_checkpoint(models, step, step * config.problems_per_step, history,
+                                       ctx.workdir / "checkpoints")
             mlflow.log_metric("perf/checkpoint_seconds", time.time() - t0, step=step)
     return _finish(config, models, history, first_step, time.time() - t_start, ctx)
 
