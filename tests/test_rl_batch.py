@@ -55,19 +55,22 @@ def setup(tiny, tmp_path_factory):
     return folder, fmt, episodes
 
 
-def _prepared(cfg: Config, folder, fmt, episodes, *, old_forward: bool):
+def _prepared(cfg: Config, folder, fmt, episodes, *, old_forward: bool, shared: bool = False):
     torch.manual_seed(0)
     models = build_models(cfg, folder, torch.device("cpu"))
-    batch = collate(episodes, fmt.pad_id)
-    chunks = micro_batches(batch.lengths, torch.arange(len(batch)), cfg.micro_batch_tokens)
+    batch = collate(episodes, fmt.pad_id, shared_prefix=shared)
+    assert batch.has_prefix == shared
+    chunks = micro_batches(batch.lengths, torch.arange(len(batch)), cfg.micro_batch_tokens, cfg.micro_batch_call_cost)
+    cpu = torch.device("cpu")
     if models.reference is not None:
-        batch.ref_logprobs = forward_all(lambda mb: score(models.reference, mb, 1.0).logprobs, batch, chunks,
-                                         torch.device("cpu"))
+        batch.ref_logprobs = forward_all(models.reference, lambda mb, kv: score(models.reference, mb, 1.0, kv=kv).logprobs,
+                                         batch, chunks, cpu)
     if old_forward:
-        batch.old_logprobs = forward_all(lambda mb: score(models.policy, mb, 1.0).logprobs, batch, chunks,
-                                         torch.device("cpu"))
+        batch.old_logprobs = forward_all(models.policy, lambda mb, kv: score(models.policy, mb, 1.0, kv=kv).logprobs,
+                                         batch, chunks, cpu)
     if models.critic is not None:
-        batch.old_values = forward_all(lambda mb: critic_values(models, mb), batch, chunks, torch.device("cpu"))
+        batch.old_values = forward_all(models.value_prefix_model, lambda mb, kv: critic_values(models, mb, kv),
+                                       batch, chunks, cpu)
     returns = torch.linspace(-1, 1, len(episodes))  # distinct returns: every group carries a signal
     assign_advantages(batch, returns, cfg)
     return models, batch
@@ -121,6 +124,32 @@ def test_skipping_the_old_forward_gives_the_same_update(setup, kw):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kw", CASES, ids=["grpo", "ppo-separate", "ppo-value-head"])
+def test_shared_prefixes_give_the_same_scores_and_update(setup, kw):
+    """Each prompt run once for its group (Prefix Grouper) vs every episode in full: the same reference
+    log-probs and critic values at every generated token, and the same parameters after the update."""
+    folder, fmt, episodes = setup
+    cfg = Config(problems_per_step=4, group_size=4, minibatch_size=8, ppo_epochs=2, max_turns=3, max_new_tokens=6,
+                 max_prompt_tokens=12, max_feedback_tokens=4, micro_batch_tokens=60, micro_batch_call_cost=0,
+                 kl_coef=0.1, lr=1e-2, critic_lr=1e-2, **kw)  # 2 epochs x 2 minibatches x several micro-batches
+    results = []
+    for shared in (False, True):
+        models, batch = _prepared(cfg, folder, fmt, episodes, old_forward=True, shared=shared)
+        if shared:  # 4 prompts, each once, instead of 16 times; every row's suffix is shorter
+            assert batch.prefix_ids.shape[0] == 4 and batch.prefix_ids.shape[1] > 3
+        where = batch.response_mask.bool()
+        scores = [batch.ref_logprobs[where], batch.old_logprobs[where]]
+        if batch.old_values is not None:
+            scores.append(batch.old_values[where])
+        torch.manual_seed(1)  # the same minibatch order
+        update(models, batch, cfg, torch.device("cpu"))
+        results.append((scores, _params(models)))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_old_forward_runs_when_it_is_not_redundant():
     base = dict(problems_per_step=4, group_size=4, max_turns=3, max_new_tokens=6)
     assert Config(**base, minibatch_size=16).skips_old_forward
@@ -155,6 +184,8 @@ def _hand_batch(old, ref, mask, values=None) -> Batch:
     b = mask.shape[0]
     return Batch(input_ids=torch.zeros(b, mask.shape[1] + 1, dtype=torch.long), attention_mask=torch.ones(b, 4),
                  response_mask=mask, rollout_logprobs=torch.zeros(mask.shape), lengths=torch.full((b,), 4),
+                 group=torch.zeros(b, dtype=torch.long), prefix_lens=torch.zeros(b, dtype=torch.long),
+                 prefix_ids=torch.zeros(1, 0, dtype=torch.long), prefix_mask=torch.zeros(1, 0, dtype=torch.long),
                  old_logprobs=torch.tensor(old), ref_logprobs=torch.tensor(ref),
                  old_values=None if values is None else torch.tensor(values))
 

@@ -1,6 +1,12 @@
 """Episodes as tensors: the step's batch, its length-bucketed micro-batches, and the problem order.
 
-A batch is right-padded once to its longest episode; a micro-batch takes some rows and trims the
+The group_size episodes of a problem all start with the same prompt. With `shared_prefix`, a batch
+holds each distinct prompt once (minus its last token: the prefix) and every episode as its suffix
+(the prompt's last token, then everything after it); the forward passes run each prefix once and let
+its episodes attend to its keys/values (Prefix Grouper, Liu et al. 2025, arXiv 2506.05433). Without
+it the prefix is empty and the suffix is the whole episode.
+
+A batch is right-padded once to its longest suffix; a micro-batch takes some rows and trims the
 columns to its own longest row. Sorting episodes by length before cutting micro-batches keeps the
 padding (wasted forward/backward slots) small: at T = 5 episodes run from one turn to five, and one
 tensor padded to the longest wastes about half of its slots.
@@ -17,15 +23,20 @@ import torch
 from stages.common.contracts import Problem
 from stages.common.episodes import Episode
 
+# Row-wise tensors of a batch, and the ones that are [B, W] (the others per position are [B, W-1]).
+_TOKEN_FIELDS = ("input_ids", "attention_mask")
+_SHARED_FIELDS = ("prefix_ids", "prefix_mask")
+
 
 @dataclass
 class Batch:
-    """Episodes as right-padded tensors, B rows, W = longest episode.
+    """Episodes as right-padded tensors: B rows, W = longest suffix, U distinct prefixes of width P.
 
-    input_ids: [B, W] episode token ids exactly as played; attention_mask: [B, W];
+    input_ids: [B, W] each episode's suffix, token ids exactly as played; attention_mask: [B, W];
     response_mask: [B, L] (L = W-1) 1 where token j+1 was sampled by the policy (aligned with log-probs);
     rollout_logprobs: [B, L] the rollout engine's log-prob of each sampled token (0 elsewhere);
-    lengths: [B] tokens per episode.
+    lengths: [B] suffix tokens per episode; group: [B] which prefix the episode continues;
+    prefix_ids, prefix_mask: [U, P] (P = 0 without shared prefixes); prefix_lens: [B] its length.
     Filled in before the update (None until then): advantages [B] (GRPO) or [B, L] (PPO); returns [B, L]
     the critic's targets; old_logprobs, ref_logprobs, old_values [B, L] at rollout time.
     """
@@ -35,6 +46,10 @@ class Batch:
     response_mask: torch.Tensor
     rollout_logprobs: torch.Tensor
     lengths: torch.Tensor
+    group: torch.Tensor
+    prefix_lens: torch.Tensor
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
@@ -44,8 +59,13 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def has_prefix(self) -> bool:
+        return self.prefix_ids.shape[1] > 0
+
     def rows(self, idx: torch.Tensor, device: torch.device | None = None) -> Batch:
-        """The rows `idx`, trimmed to their own longest episode (and moved to `device`)."""
+        """The rows `idx`, trimmed to their own longest suffix (and moved to `device`); the prefixes
+        are shared by every micro-batch and come whole."""
         width = int(self.lengths[idx].max())
         return Batch(*(_take(getattr(self, f.name), idx, width, f.name, device) for f in fields(self)))
 
@@ -53,29 +73,47 @@ class Batch:
 def _take(t: torch.Tensor | None, idx: torch.Tensor, width: int, name: str, device) -> torch.Tensor | None:
     if t is None:
         return None
-    t = t[idx]
-    if t.dim() == 2:  # token tensors: [B, W] or the [B, W-1] position tensors
-        t = t[:, : width if name in ("input_ids", "attention_mask") else width - 1]
+    if name not in _SHARED_FIELDS:
+        t = t[idx]
+        if t.dim() == 2:  # token tensors: [B, W] or the [B, W-1] position tensors
+            t = t[:, : width if name in _TOKEN_FIELDS else width - 1]
     return t.to(device) if device is not None else t
 
 
-def collate(episodes: list[Episode], pad_id: int) -> Batch:
+def collate(episodes: list[Episode], pad_id: int, shared_prefix: bool = False) -> Batch:
     """Pack episodes exactly as they were played: same ids, mask on the generated ones. Stays on CPU;
-    micro-batches move to the device one at a time."""
-    seqs = [e.token_ids() for e in episodes]
+    micro-batches move to the device one at a time.
+
+    shared_prefix: split each episode after its prompt's second-to-last token; episodes whose prompts
+    are equal share one prefix row. (The prompt's last token stays in the suffix: it predicts the first
+    answer token, so every trained position is a suffix position.)
+    """
+    prefixes: dict[tuple[int, ...], int] = {}
+    group, cut = [], []
+    for e in episodes:
+        prompt = tuple(e.turns[0].context_ids[:-1]) if shared_prefix else ()
+        group.append(prefixes.setdefault(prompt, len(prefixes)))
+        cut.append(len(prompt))
+    seqs = [e.token_ids()[c:] for e, c in zip(episodes, cut, strict=True)]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, W]
     attn = torch.zeros_like(ids)  # [B, W]
     resp = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, W] (shifted below)
     lps = torch.zeros((len(seqs), width), dtype=torch.float32)  # [B, W]
-    for i, (e, s) in enumerate(zip(episodes, seqs, strict=True)):
+    for i, (e, s, c) in enumerate(zip(episodes, seqs, cut, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
-        resp[i, : len(s)] = torch.tensor(e.response_mask())
-        recorded = [lp for t in e.turns for lp in (*[0.0] * len(t.context_ids), *_logprobs(t))]
+        resp[i, : len(s)] = torch.tensor(e.response_mask()[c:])
+        recorded = [lp for t in e.turns for lp in (*[0.0] * len(t.context_ids), *_logprobs(t))][c:]
         lps[i, : len(recorded)] = torch.tensor(recorded)
-    lengths = attn.sum(dim=1)  # [B]
-    return Batch(ids, attn, resp[:, 1:], lps[:, 1:], lengths)
+    prefix_width = max(map(len, prefixes))
+    prefix_ids = torch.full((len(prefixes), prefix_width), pad_id, dtype=torch.long)  # [U, P]
+    prefix_mask = torch.zeros_like(prefix_ids)  # [U, P]
+    for prompt, u in prefixes.items():
+        prefix_ids[u, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        prefix_mask[u, : len(prompt)] = 1
+    return Batch(ids, attn, resp[:, 1:], lps[:, 1:], attn.sum(dim=1), torch.tensor(group), torch.tensor(cut),
+                 prefix_ids, prefix_mask)
 
 
 def _logprobs(turn) -> list[float]:
@@ -112,6 +150,14 @@ def micro_batches(lengths: torch.Tensor, idx: torch.Tensor, token_budget: int,
         chunks.append(order[int(cut[i]):i])
         i = int(cut[i])
     return chunks[::-1]
+
+
+def forward_slots(batch: Batch, chunks: list[torch.Tensor]) -> tuple[int, int]:
+    """(token slots, real tokens) of one forward pass over `batch` cut into `chunks`: each micro-batch
+    padded to its longest suffix, plus the distinct prefixes (each run once, padded to the longest)."""
+    slots = sum(len(c) * int(batch.lengths[c].max()) for c in chunks) + batch.prefix_mask.numel()
+    real = int(batch.lengths.sum()) + int(batch.prefix_mask.sum())
+    return slots, real
 
 
 def padding_share(lengths: torch.Tensor, chunks: list[torch.Tensor]) -> float:

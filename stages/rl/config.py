@@ -100,6 +100,10 @@ class Config(StageConfig):
     padded slots + this x calls. 0 = a micro-batch per distinct length (no padding, many small calls);
     large = as few calls as the budget allows. At T = 5 with the tiny default, 256 gives ~4 calls and
     ~6% padding, vs ~55% for one tensor padded to the longest episode."""
+    shared_prefix: bool = True
+    """Run each problem's prompt once per forward pass and let its group_size episodes attend to its
+    keys/values (Prefix Grouper, arXiv 2506.05433): same log-probs and gradients, fewer token slots
+    (at T = 1 on the tiny task about half). Needs full attention in every layer (else ignored)."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each rollout batch. 1 with one minibatch = strictly on-policy: the ratio is exactly 1,
     so the "old" log-prob forward is skipped (the update's own forward, detached, is used)."""

@@ -8,11 +8,13 @@ disabled); the trainer only calls `score`, `.backward()` on a loss and `step`.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from stages.common.model import load_pretrained
 from stages.rl.batch import Batch
@@ -56,6 +58,11 @@ class Models:
     def shared_critic(self) -> bool:
         """A value head on the policy's own decoder (no trunk of its own)."""
         return self.critic is not None and self.critic.trunk is None
+
+    @property
+    def value_prefix_model(self) -> nn.Module:
+        """Whose prefix keys/values the critic's values need: the policy's for a value head on it."""
+        return self.policy if self.shared_critic else self.critic
 
     def train(self, mode: bool = True) -> None:
         self.policy.train(mode)
@@ -108,14 +115,62 @@ class Scores:
     values: torch.Tensor | None = None
 
 
+# --- forward passes, with or without a shared prefix ------------------------------------------------
+
+#: Per decoder layer, the (keys, values) of every distinct prefix: [U, heads, P, head_dim] each.
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack under a causal LM head (or the critic's trunk): what runs the prefixes."""
+    return model.trunk if isinstance(model, ValueModel) else model.base_model
+
+
+def supports_shared_prefix(model: nn.Module) -> bool:
+    """Full attention in every layer: a sliding-window layer would see a prefix it must not."""
+    config = model.config
+    return all(t == "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"]) \
+        and not getattr(config, "use_sliding_window", False)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefix_kv(model: nn.Module, batch: Batch) -> PrefixKV:
+    """Run every distinct prefix of `batch` through `model`'s decoder once; return its keys/values."""
+    out = decoder_of(model)(input_ids=batch.prefix_ids.to(_device(model)),
+                            attention_mask=batch.prefix_mask.to(_device(model)), use_cache=True)
+    cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+    return [(k, v) for k, v, *_ in cache]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _suffix_inputs(model: nn.Module, mb: Batch, kv: PrefixKV | None) -> dict:
+    """Forward kwargs for the suffixes of `mb`: alone, or after their prefixes' cached keys/values."""
+    if kv is None:
+        return {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask}
+    group = mb.group.to(mb.input_ids.device)
+    cache = DynamicCache(ddp_cache_data=[(k[group], v[group]) for k, v in kv], config=model.config)  # [b, h, P, d]
+    width = mb.input_ids.shape[1]
+    positions = mb.prefix_lens[:, None].to(group.device) + torch.arange(width, device=group.device)  # [b, W]
+    return {"input_ids": mb.input_ids, _cache_kwarg(model): cache, "position_ids": positions,
+            "attention_mask": torch.cat([mb.prefix_mask.to(group.device)[group], mb.attention_mask], dim=1)}
+
+
 def score(model: nn.Module, mb: Batch, temperature: float, *, entropy: bool = False,
-          value_head: ValueModel | None = None) -> Scores:
+          value_head: ValueModel | None = None, kv: PrefixKV | None = None) -> Scores:
     """Log-probs (and the entropy, and a shared value head's values) of the sampled tokens of `mb`.
 
+    `kv`: the prefixes' keys/values from `prefix_kv(model, ...)` when the batch shares prefixes.
     Log-softmax runs only at generated positions: at T = 5 most positions are question, feedback or
     padding, and a log-softmax over [B, L, V] would be mostly thrown away.
     """
-    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, output_hidden_states=value_head is not None)
+    out = model(**_suffix_inputs(model, mb, kv), output_hidden_states=value_head is not None, use_cache=False)
     where = mb.response_mask.bool()  # [B, L]
     logits = out.logits[:, :-1][where].float() / temperature  # [N, V]
     targets = mb.input_ids[:, 1:][where]  # [N]
@@ -129,11 +184,13 @@ def score(model: nn.Module, mb: Batch, temperature: float, *, entropy: bool = Fa
     return Scores(logprobs, ent, vals)
 
 
-def critic_values(models: Models, mb: Batch) -> torch.Tensor:
-    """[B, L] the critic's value of each position's state (a separate critic runs alone; a value head
-    needs the policy's hidden states)."""
+def critic_values(models: Models, mb: Batch, kv: PrefixKV | None = None) -> torch.Tensor:
+    """[B, L] the critic's value of each position's state (a separate critic runs alone, after its own
+    prefix keys/values `kv`; a value head needs the policy's hidden states, after the policy's `kv`)."""
     if models.shared_critic:
-        hidden = models.policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                               output_hidden_states=True).hidden_states[-1]  # [B, W, H]
+        hidden = models.policy(**_suffix_inputs(models.policy, mb, kv), output_hidden_states=True,
+                               use_cache=False).hidden_states[-1]  # [B, W, H]
         return models.critic(hidden=hidden)[:, :-1]
-    return models.critic(input_ids=mb.input_ids, attention_mask=mb.attention_mask)[:, :-1]
+    trunk = models.critic.trunk
+    hidden = trunk(**_suffix_inputs(trunk, mb, kv), use_cache=False).last_hidden_state  # [B, W, H]
+    return models.critic(hidden=hidden)[:, :-1]

@@ -23,7 +23,7 @@ from stages.common.rollout_engines import RolloutEngine, make_engine
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import StageContext, fetch_verified, log_artifact
 from stages.rl import checkpoint
-from stages.rl.batch import Batch, collate, micro_batches, padding_share, step_problems
+from stages.rl.batch import Batch, collate, forward_slots, micro_batches, padding_share, step_problems
 from stages.rl.config import Config, Output
 from stages.rl.losses import (
     explained_variance,
@@ -37,7 +37,15 @@ from stages.rl.losses import (
     masked_whiten,
     ppo_loss,
 )
-from stages.rl.models import Models, build_models, critic_values, score
+from stages.rl.models import (
+    Models,
+    PrefixKV,
+    build_models,
+    critic_values,
+    prefix_kv,
+    score,
+    supports_shared_prefix,
+)
 from stages.rl.rewards import episode_return
 
 log = logging.getLogger("ufo.rl")
@@ -95,22 +103,26 @@ def train_step(config: Config, step: int, models: Models, engine: RolloutEngine,
         kept = keep_spread_groups(all_returns.view(config.problems_per_step, config.group_size),
                                   config.rollout_filter_fraction)  # [K]
         rows = (kept[:, None] * config.group_size + torch.arange(config.group_size)).flatten()  # [K*G]
-        batch = collate([episodes[i] for i in rows.tolist()], fmt.pad_id)
+        shared = config.shared_prefix and supports_shared_prefix(models.policy)
+        batch = collate([episodes[i] for i in rows.tolist()], fmt.pad_id, shared_prefix=shared)
         returns = all_returns[rows]  # [K*G]
         chunks = micro_batches(batch.lengths, torch.arange(len(batch)), config.micro_batch_tokens,
                                config.micro_batch_call_cost)
     # the log-probs and values at rollout time that the advantage and the loss need
     with timer("ref_forward"):
         if models.reference is not None:
-            batch.ref_logprobs = forward_all(lambda mb: score(models.reference, mb, config.temperature).logprobs,
-                                             batch, chunks, device)
+            batch.ref_logprobs = forward_all(
+                models.reference, lambda mb, kv: score(models.reference, mb, config.temperature, kv=kv).logprobs,
+                batch, chunks, device)
     with timer("old_forward"):
         if not config.skips_old_forward:
-            batch.old_logprobs = forward_all(lambda mb: score(models.policy, mb, config.temperature).logprobs,
-                                             batch, chunks, device)
+            batch.old_logprobs = forward_all(
+                models.policy, lambda mb, kv: score(models.policy, mb, config.temperature, kv=kv).logprobs,
+                batch, chunks, device)
     with timer("value_forward"):
         if models.critic is not None:
-            batch.old_values = forward_all(lambda mb: critic_values(models, mb), batch, chunks, device)
+            batch.old_values = forward_all(models.value_prefix_model, lambda mb, kv: critic_values(models, mb, kv),
+                                           batch, chunks, device)
     # 3. advantage
     with timer("advantage"):
         adv_stats = assign_advantages(batch, returns, config)
@@ -133,12 +145,14 @@ def episode_returns(episodes: list[Episode], cfg: Config) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_all(fn: Callable[[Batch], torch.Tensor], batch: Batch, chunks: list[torch.Tensor],
-                device: torch.device) -> torch.Tensor:
-    """fn over every micro-batch, reassembled into one [B, L] CPU tensor in batch order."""
+def forward_all(model: torch.nn.Module, fn: Callable[[Batch, PrefixKV | None], torch.Tensor], batch: Batch,
+                chunks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fn over every micro-batch (after `model` ran the shared prefixes once), reassembled into one
+    [B, L] CPU tensor in batch order."""
+    kv = prefix_kv(model, batch) if batch.has_prefix else None
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)  # [B, L]
     for idx in chunks:
-        res = fn(batch.rows(idx, device))  # [b, l]
+        res = fn(batch.rows(idx, device), kv)  # [b, l]
         out[idx, : res.shape[1]] = res.float().cpu()
     return out
 
@@ -177,6 +191,8 @@ def update(models: Models, batch: Batch, cfg: Config, device: torch.device) -> d
 
     Each micro-batch's loss is its token mean weighted by its share of the minibatch's generated
     tokens, so the accumulated gradient is that of the minibatch's token mean, however it is cut.
+    Shared prefixes run once per minibatch: the micro-batches' gradients with respect to their keys/
+    values accumulate on detached copies, then flow back through the prefix pass in one backward.
     """
     models.train(True)
     totals: dict[str, float] = defaultdict(float)
@@ -188,31 +204,58 @@ def update(models: Models, batch: Batch, cfg: Config, device: torch.device) -> d
             idx = order[start:start + cfg.minibatch_size]
             tokens = batch.response_mask[idx].sum().clamp(min=1)
             models.zero_grad()
+            prefixes = _PrefixGrads(models, batch)
             for chunk in micro_batches(batch.lengths, idx, cfg.micro_batch_tokens, cfg.micro_batch_call_cost):
                 mb = batch.rows(chunk, device)
                 weight = float(mb.response_mask.sum() / tokens)
-                loss, stats = micro_batch_loss(models, mb, cfg)
+                loss, stats = micro_batch_loss(models, mb, cfg, prefixes.policy, prefixes.critic)
                 (loss * weight).backward()
                 for k, v in stats.items():
                     totals[k] += float(v) * weight
+            prefixes.backward()
             for k, v in models.step(cfg.grad_clip).items():
                 totals[k] += v
             num_steps += 1
     return {k: v / num_steps for k, v in totals.items()}
 
 
-def micro_batch_loss(models: Models, mb: Batch, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+class _PrefixGrads:
+    """The policy's (and a separate critic's) prefix keys/values for one minibatch, with grad: handed to
+    the micro-batches as detached leaves, whose accumulated grads `backward` sends through the prefix
+    pass once."""
+
+    def __init__(self, models: Models, batch: Batch):
+        self.graphs: list[PrefixKV] = []
+        self.policy = self._leaves(models.policy, batch)
+        self.critic = self._leaves(models.critic, batch) if models.critic and not models.shared_critic else None
+
+    def _leaves(self, model, batch: Batch) -> PrefixKV | None:
+        if not batch.has_prefix:
+            return None
+        kv = prefix_kv(model, batch)
+        self.graphs.append(kv)
+        return [(k.detach().requires_grad_(True), v.detach().requires_grad_(True)) for k, v in kv]
+
+    def backward(self) -> None:
+        leaves = [t for kv in (self.policy, self.critic) if kv for pair in kv for t in pair]
+        graphs = [t for kv in self.graphs for pair in kv for t in pair]
+        pairs = [(g, leaf.grad) for g, leaf in zip(graphs, leaves, strict=True) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([g for g, _ in pairs], [grad for _, grad in pairs])
+
+
+def micro_batch_loss(models: Models, mb: Batch, cfg: Config, policy_kv: PrefixKV | None = None,
+                     critic_kv: PrefixKV | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The algorithm's loss on one micro-batch (with grad)."""
     value_head = models.critic if models.shared_critic else None
-    s = score(models.policy, mb, cfg.temperature, entropy=cfg.entropy_coef > 0, value_head=value_head)
+    s = score(models.policy, mb, cfg.temperature, entropy=cfg.entropy_coef > 0, value_head=value_head, kv=policy_kv)
     # One epoch, one minibatch: the pre-update log-probs ARE this forward's; detach (ratio exactly 1).
     old = mb.old_logprobs if mb.old_logprobs is not None else s.logprobs.detach()  # [B, L]
     kl_coef = cfg.kl_coef if cfg.kl_mode == "loss" else 0.0
     common = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "kl_coef": kl_coef, "entropy": s.entropy,
               "entropy_coef": cfg.entropy_coef}
     if cfg.algorithm == "ppo":
-        values = s.values if value_head is not None else \
-            models.critic(input_ids=mb.input_ids, attention_mask=mb.attention_mask)[:, :-1]  # [B, L]
+        values = s.values if value_head is not None else critic_values(models, mb, critic_kv)  # [B, L]
         loss, stats = ppo_loss(s.logprobs, old, mb.ref_logprobs, mb.advantages, values, mb.old_values, mb.returns,
                                mb.response_mask, value_clip=cfg.value_clip, value_loss_coef=cfg.value_loss_coef,
                                **common)
@@ -233,8 +276,14 @@ def step_metrics(episodes: list[Episode], all_returns: torch.Tensor, batch: Batc
         "rollout/group_spread_mean": float(spread.mean()),
         "rollout/kept_episodes": float(len(batch)),
         "rollout/generated_tokens": float(batch.response_mask.sum()),
-        "perf/padding_share": padding_share(batch.lengths, chunks),
-        "perf/padding_share_unbucketed": padding_share(batch.lengths, [torch.arange(len(batch))]),
+    }
+    slots, real = forward_slots(batch, chunks)
+    full = batch.lengths + batch.prefix_lens  # [B] whole episodes
+    metrics |= {
+        "perf/forward_slots": float(slots),
+        "perf/padding_share": 1.0 - real / slots,
+        "perf/forward_slots_unbucketed": float(len(full) * int(full.max())),
+        "perf/padding_share_unbucketed": padding_share(full, [torch.arange(len(batch))]),
     }
     if cfg.kl_mode == "reward" and cfg.kl_coef > 0:  # the KL the reward was charged (k1, at rollout time)
         metrics["loss/kl"] = float(masked_mean(batch.old_logprobs - batch.ref_logprobs, batch.response_mask))
