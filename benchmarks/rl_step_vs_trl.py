@@ -7,19 +7,20 @@ one optimizer step per generation, same torch thread count, same process. The ro
 TRL step, project step, floor step, TRL step, ... (a TRL callback runs the other two after each TRL
 optimizer step), so a machine that gets busier or quieter affects all three alike.
 
-- project: `stages.rl.stage.train_step` with algorithm=grpo, T=1 (rollout, reward, reference
-  forward, update; the "old" forward skipped, episodes length-bucketed), no MLflow logging.
+- project: `stages.rl.stage.train_step` with algorithm=grpo, T=1, its defaults otherwise (rollout,
+  reward, reference forward, update; the "old" forward skipped, each prompt run once for its 8
+  completions, episodes length-bucketed), no MLflow logging.
 - TRL: `GRPOTrainer` (bf16=False, gradient_checkpointing=False, use_cpu=True: TRL's defaults turn
   the first two on, which costs ~20% on CPU), per-step time from one `on_step_end` to the next,
   minus the project and floor steps run in between (so it includes TRL's data loading and logging).
 - floor: one `generate` of the same 256 completions + one forward/backward/AdamW step on them: what
   any implementation must at least do (no reference model, no grading).
 
-It also reports, for the project at T = 5 (the paper's 5 turns) with the same model, the share of
-the token slots of the reference/old/update forwards that are padding: one tensor padded to the
-longest episode (before) vs length-bucketed micro-batches (after, `micro_batch_tokens`).
+It also reports, for the project at T = 5 (the paper's 5 turns) with the same model, the token slots
+of one reference/old/update forward pass and the share of them that is padding: every episode in
+one tensor padded to the longest (before) vs the project's shared prefixes + length buckets (after).
 
-Run (from the repository root; ~3-6 min on 2 quiet cores):
+Run (from the repository root; ~4-6 min on 2 quiet cores, SFT included):
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/rl_step_vs_trl.py
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/rl_step_vs_trl.py --steps 30 --threads 2
 Needs `trl` (pip install 'trl>=1.16,<2'). The last line reads `project/trl step time ratio: R`.
@@ -53,7 +54,7 @@ from stages.common.model_spec import ModelConfig  # noqa: E402
 from stages.common.rollout_engines import HFEngine  # noqa: E402
 from stages.common.runtime import cpu_budget  # noqa: E402
 from stages.rl import Config  # noqa: E402
-from stages.rl.batch import collate, micro_batches, padding_share  # noqa: E402
+from stages.rl.batch import collate, forward_slots, micro_batches, padding_share  # noqa: E402
 from stages.rl.losses import masked_mean  # noqa: E402
 from stages.rl.models import build_models  # noqa: E402
 from stages.rl.stage import train_step  # noqa: E402
@@ -70,8 +71,9 @@ def problems_and_format() -> tuple[list[Problem], ChatFormat]:
 
 
 def sft_model(fmt: ChatFormat, problems: list[Problem], steps: int, seed: int):
-    """The tiny default's model (0.53M parameters) SFT-trained for `steps` steps, 30% of the examples
-    answering after 1-4 wrong attempts + feedback (so later turns look like the real pipeline's)."""
+    """The tiny default's model (0.53M parameters) SFT-trained for `steps` steps, half the examples
+    answering after 1-4 wrong attempts + feedback like the tiny default's SFT (so episodes at T = 5 end
+    at different turns, as in the pipeline). ~700 steps reach ~40-50% sampled accuracy."""
     torch.manual_seed(seed)
     model = new_scratch_model(ModelConfig(), fmt.tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -83,7 +85,7 @@ def sft_model(fmt: ChatFormat, problems: list[Problem], steps: int, seed: int):
         examples = []
         for _ in range(128):
             p = rng.choice(problems)
-            wrong = [rng.choice(problems).answer for _ in range(rng.randint(1, 4))] if rng.random() < 0.3 else []
+            wrong = [rng.choice(problems).answer for _ in range(rng.randint(1, 4))] if rng.random() < 0.5 else []
             examples.append(fmt.sft_example(p.question, wrong, p.answer))
         width = max(len(ids) for ids, _ in examples)
         ids = torch.full((len(examples), width), fmt.pad_id)
@@ -171,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per contender (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per contender")
-    parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the scratch model (0 = random)")
+    parser.add_argument("--sft-steps", type=int, default=700, help="SFT steps of the scratch model (0 = random)")
     parser.add_argument("--sft-model", type=Path, help="a save_pretrained folder to start from instead (e.g. one "
                         "an earlier run of this script saved; its tokenizer must be this task's)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("UFO_THREADS") or cpu_budget()))
@@ -247,21 +249,30 @@ def main() -> None:
         f"{k.removeprefix('perf/').removesuffix('_seconds')} {statistics.median(p[k] for p in phases):.3f}"
         for k in phases[0] if k != "perf/step_seconds"))
 
-    # padding at T = 5 with the same model
+    # padding at T = 5 with the same model: the token slots of one forward pass (ref, old or update)
     cfg5 = project_config(max_turns=5)
-    before, after = [], []
+    full_slots, full_pad, slots, pad, turns = [], [], [], [], []
     for r in range(args.padding_rollouts):
         torch.manual_seed(args.seed + r)
         eps = rollout(base, fmt, problems[r * 32:(r + 1) * 32], group_size=8, max_turns=5, temperature=1.0,
                       max_new_tokens=8)
-        batch = collate(eps, fmt.pad_id)
-        rows = torch.arange(len(batch))
-        before.append(padding_share(batch.lengths, [rows]))
-        after.append(padding_share(batch.lengths, micro_batches(batch.lengths, rows, cfg5.micro_batch_tokens)))
-        turns = sum(e.num_turns for e in eps) / len(eps)
-    print(f"\npadding share of forward token slots at T=5 (256 episodes, {args.padding_rollouts} rollouts, last "
-          f"had {turns:.2f} turns/episode): one tensor padded to the longest {statistics.mean(before):.1%}, "
-          f"length-bucketed (micro_batch_tokens={cfg5.micro_batch_tokens}) {statistics.mean(after):.1%}")
+        turns.append(sum(e.num_turns for e in eps) / len(eps))
+        whole = collate(eps, fmt.pad_id)  # before: every episode in full, one tensor padded to the longest
+        full_slots.append(whole.lengths.numel() * int(whole.lengths.max()))
+        full_pad.append(padding_share(whole.lengths, [torch.arange(len(whole))]))
+        batch = collate(eps, fmt.pad_id, shared_prefix=cfg5.shared_prefix)  # after: as the stage cuts it
+        chunks = micro_batches(batch.lengths, torch.arange(len(batch)), cfg5.micro_batch_tokens,
+                               cfg5.micro_batch_call_cost)
+        n, real = forward_slots(batch, chunks)
+        slots.append(n)
+        pad.append(1 - real / n)
+    print(f"\nT=5, 32 x 8 episodes ({statistics.mean(turns):.2f} turns each on average, {args.padding_rollouts} "
+          f"rollouts), token slots of one forward pass:\n"
+          f"  before (one tensor, right-padded to the longest episode): {statistics.mean(full_slots):.0f} slots, "
+          f"padding share {statistics.mean(full_pad):.1%}\n"
+          f"  project (shared prefixes + length buckets, micro_batch_tokens={cfg5.micro_batch_tokens}, "
+          f"call cost {cfg5.micro_batch_call_cost}): {statistics.mean(slots):.0f} slots, "
+          f"padding share {statistics.mean(pad):.1%}")
     ratio = statistics.median(times["project"]) / statistics.median(times["trl"])
     print(f"project/trl step time ratio: {ratio:.3f}")
 
