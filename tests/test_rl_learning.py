@@ -1,11 +1,11 @@
-"""PPO with a GAE critic and GRPO both raise the tiny task's training reward (slow: ~3 min on 2 quiet
+"""PPO with a GAE critic and GRPO both raise the tiny task's training reward (slow: ~5 min on 2 quiet
 cores, much longer on a busy machine; `pytest -m slow tests/test_rl_learning.py -s` prints the numbers).
 
-From the tiny default's SFT model (trained here to its stopping rule), each estimator runs N = 40 steps
+From the tiny default's SFT model (trained here to its stopping rule), each estimator runs N = 60 steps
 of 32 problems x 8 episodes at T = 5 with the tiny default's settings; the mean training reward of the
-last 10 steps must beat that of the first 10 by more than 0.01 (on this machine, at 60 steps, both
-gained ~0.065: see the report of issue 7). For PPO the critic must also learn: its explained variance
-rises and its value loss falls.
+last 10 steps must beat that of the first 10 by more than 0.02 (measured on the project's 2-core
+machine, seed 0: PPO 0.647 -> 0.712, GRPO 0.633 -> 0.696; after 40 steps only +0.033 and +0.014).
+For PPO the critic must also learn: its explained variance rises and its value loss falls.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from stages import curate, rl, sft
 from stages.common.config import load_config
 from tests.conftest import REPO
 
-STEPS = 40
+STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_training_reward_rises(upstream, algorithm):
     assert len(reward) == STEPS
     first, last = _mean(reward[:10]), _mean(reward[-10:])
     print(f"\n{algorithm}: training reward, mean of steps 1-10 {first:.4f} -> steps {STEPS - 9}-{STEPS} {last:.4f}")
-    assert last > first + 0.01
+    assert last > first + 0.02
     if algorithm == "ppo":
         ev, vloss = _curve(out.run_id, "loss/explained_variance"), _curve(out.run_id, "loss/value")
         print(f"ppo critic: explained variance {_mean(ev[:10]):.3f} -> {_mean(ev[-10:]):.3f}, "

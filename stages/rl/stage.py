@@ -227,7 +227,8 @@ class _PrefixGrads:
     def __init__(self, models: Models, batch: Batch):
         self.graphs: list[PrefixKV] = []
         self.policy = self._leaves(models.policy, batch)
-        self.critic = self._leaves(models.critic, batch) if models.critic and not models.shared_critic else None
+        separate = models.critic is not None and not models.shared_critic
+        self.critic = self._leaves(models.critic, batch) if separate else None
 
     def _leaves(self, model, batch: Batch) -> PrefixKV | None:
         if not batch.has_prefix:
