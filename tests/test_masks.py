@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 from stages.common.episodes import rollout
+from stages.rl.batch import collate
 from stages.rl.losses import grpo_loss
-from stages.rl.stage import collate, sequence_logprobs
+from stages.rl.models import score
 
 
-def _episodes(tiny, temperature=1.0, turns=4):
+def _episodes(tiny, temperature=1.0, turns=5):
     model, fmt, problems = tiny
     torch.manual_seed(1)
     return rollout(model, fmt, problems[:8], group_size=4, max_turns=turns, temperature=temperature, max_new_tokens=6)
@@ -19,7 +20,7 @@ def _episodes(tiny, temperature=1.0, turns=4):
 def test_episode_ids_and_mask_rebuilt_from_pieces(tiny):
     _, fmt, _ = tiny
     episodes = _episodes(tiny)
-    assert sum(e.num_turns >= 3 for e in episodes) >= 8, "need several multi-turn episodes"
+    assert sum(e.num_turns == 5 for e in episodes) >= 8, "need several five-turn episodes"
     for e in episodes:
         # Expected layout, built independently from the template pieces and the sampled ids.
         ids = fmt.prompt_ids(e.problem.question)
@@ -57,7 +58,7 @@ def test_question_and_feedback_tokens_carry_zero_loss_every_generated_token_carr
 def test_trained_ids_equal_sampled_ids(tiny):
     _, fmt, _ = tiny
     episodes = _episodes(tiny)
-    batch = collate(episodes, torch.zeros(len(episodes)), fmt.pad_id, torch.device("cpu"))
+    batch = collate(episodes, fmt.pad_id)
     targets = batch.input_ids[:, 1:]  # what each logprob position predicts
     for i, e in enumerate(episodes):
         sampled = [tok for t in e.turns for tok in t.answer_ids]
@@ -71,7 +72,7 @@ def test_training_forward_reproduces_generation(tiny):
     generated position the training logits must pick the very token generation picked."""
     model, fmt, _ = tiny
     episodes = _episodes(tiny, temperature=0.0, turns=3)
-    batch = collate(episodes, torch.zeros(len(episodes)), fmt.pad_id, torch.device("cpu"))
+    batch = collate(episodes, fmt.pad_id)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     argmax = logits.argmax(-1)
@@ -83,16 +84,16 @@ def test_loss_gradient_flows_only_through_generated_tokens(tiny):
     model, fmt, _ = tiny
     episodes = _episodes(tiny)
     adv = torch.linspace(-1, 1, len(episodes))
-    batch = collate(episodes, adv, fmt.pad_id, torch.device("cpu"))
+    batch = collate(episodes, fmt.pad_id)
     with torch.no_grad():
-        old = sequence_logprobs(model, batch, 1.0)
+        old = score(model, batch, 1.0).logprobs
     logprobs = old.clone().requires_grad_(True)
-    loss, _ = grpo_loss(logprobs, old, old.clone(), batch.advantages, batch.response_mask,
+    loss, _ = grpo_loss(logprobs, old, old.clone(), adv, batch.response_mask,
                         clip_low=0.2, clip_high=0.28, kl_coef=0.1)
     loss.backward()
     grad = logprobs.grad
     assert torch.all(grad[~batch.response_mask.bool()] == 0)
-    has_adv = batch.advantages[:, None].expand_as(grad) != 0
+    has_adv = adv[:, None].expand_as(grad) != 0
     assert torch.all(grad[batch.response_mask.bool() & has_adv] != 0)
 
 

@@ -8,11 +8,21 @@ from torch.testing import assert_close
 
 from stages.rl.losses import (
     clipped_policy_loss,
+    entropy_from_logits,
+    explained_variance,
+    gae,
     group_advantages,
     grpo_loss,
+    keep_spread_groups,
     kl_k3,
+    kl_penalty_rewards,
+    last_token_rewards,
     masked_mean,
+    masked_whiten,
+    policy_objective,
+    ppo_loss,
     token_logprobs,
+    value_loss,
 )
 
 LN2 = math.log(2.0)
@@ -218,3 +228,139 @@ def test_token_logprobs_divides_logits_by_temperature():
     # position 1: (ln3/2, 0, 0) -> exp (sqrt3, 1, 1) -> p(0) = sqrt3/(sqrt3+2) = 1.732051/3.732051 = 0.464102
     expected = t([[math.log(0.414214), math.log(0.464102)]])  # (-0.881374, -0.767664)
     assert_close(token_logprobs(logits, ids, temperature=2.0), expected)
+
+
+# --- GAE over generated tokens -----------------------------------------------------------------------
+
+GAMMA, LAM = 0.9, 0.8  # gamma * lam = 0.72
+
+
+def test_gae_single_turn_by_hand():
+    values = t([[0.5, 0.6, 0.7]])
+    rewards = t([[0.0, 0.0, 1.0]])
+    adv, ret = gae(rewards, values, torch.ones(1, 3), GAMMA, LAM)
+    # j=2 (terminal): delta = 1 + 0.9*0 - 0.7 = 0.3                      A2 = 0.3
+    # j=1: delta = 0 + 0.9*0.7 - 0.6 = 0.03 ; A1 = 0.03 + 0.72*0.3     = 0.246
+    # j=0: delta = 0 + 0.9*0.6 - 0.5 = 0.04 ; A0 = 0.04 + 0.72*0.246   = 0.21712
+    assert_close(adv, t([[0.21712, 0.246, 0.3]]))
+    assert_close(ret, t([[0.71712, 0.846, 1.0]]))  # returns = A + V
+
+
+def test_gae_steps_over_feedback_tokens_between_two_turns():
+    """Turn 0 generated 2 tokens, then 3 template/feedback tokens (mask 0), then turn 1 generated 2 tokens.
+    The masked tokens get no advantage and no return, and their values (9) and rewards (5) are never read:
+    turn 0's last token links straight to turn 1's first."""
+    mask = t([[1, 1, 0, 0, 0, 1, 1]])
+    values = t([[0.5, 0.6, 9.0, 9.0, 9.0, 0.7, 0.8]])
+    rewards = t([[0.0, 0.0, 5.0, 5.0, 5.0, 0.0, 1.0]])
+    adv, ret = gae(rewards, values, mask, GAMMA, LAM)
+    # j=6 (terminal): delta = 1 - 0.8 = 0.2                                        A6 = 0.2
+    # j=5: delta = 0.9*0.8 - 0.7 = 0.02 ; A5 = 0.02 + 0.72*0.2                     = 0.164
+    # j=4,3,2: masked -> 0; the next value seen from j=1 is V5 = 0.7, the next advantage A5 = 0.164
+    # j=1: delta = 0.9*0.7 - 0.6 = 0.03 ; A1 = 0.03 + 0.72*0.164 = 0.03 + 0.11808  = 0.14808
+    # j=0: delta = 0.9*0.6 - 0.5 = 0.04 ; A0 = 0.04 + 0.72*0.14808 = 0.04 + 0.1066176 = 0.1466176
+    assert_close(adv, t([[0.1466176, 0.14808, 0.0, 0.0, 0.0, 0.164, 0.2]]))
+    assert_close(ret, t([[0.6466176, 0.74808, 0.0, 0.0, 0.0, 0.864, 1.0]]))
+    # the same numbers as GAE on the generated tokens alone, the masked ones cut out
+    dense_adv, _ = gae(t([[0.0, 0.0, 0.0, 1.0]]), t([[0.5, 0.6, 0.7, 0.8]]), torch.ones(1, 4), GAMMA, LAM)
+    assert_close(adv[mask.bool()], dense_adv[0])
+
+
+def test_gae_with_gamma_and_lambda_one_is_return_minus_value():
+    # the paper code's setting (gamma = lambda = 1): A_j = R - V_j for every generated token, padding after
+    mask = t([[1, 0, 1, 1, 0, 0]])
+    values = t([[0.25, 3.0, 0.5, -0.5, 7.0, 7.0]])
+    rewards = last_token_rewards(t([2.0]), mask)  # R = 2 on the token at index 3
+    adv, ret = gae(rewards, values, mask, 1.0, 1.0)
+    assert_close(adv, t([[1.75, 0.0, 1.5, 2.5, 0.0, 0.0]]))
+    assert_close(ret, t([[2.0, 0.0, 2.0, 2.0, 0.0, 0.0]]))
+
+
+def test_last_token_rewards_place_the_return_on_the_last_generated_token():
+    mask = t([[0, 1, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0]])
+    out = last_token_rewards(t([2.0, -0.4]), mask)
+    expected = torch.zeros(2, 7)
+    expected[0, 4], expected[1, 1] = 2.0, -0.4  # last 1 of row 0 at index 4, of row 1 at index 1
+    assert torch.equal(out, expected)
+
+
+def test_kl_penalty_rewards_are_k1_on_generated_tokens():
+    old, ref = t([[-1.0, -2.0, -3.0]]), t([[-1.5, -1.0, 0.0]])
+    # -0.1 * (old - ref): (-0.1 * 0.5, -0.1 * -1.0, masked) = (-0.05, 0.1, 0)
+    assert_close(kl_penalty_rewards(old, ref, t([[1, 1, 0]]), 0.1), t([[-0.05, 0.1, 0.0]]))
+
+
+# --- PPO: value loss, whitening, explained variance, the combined loss --------------------------------
+
+
+def test_value_loss_clips_moves_beyond_the_range():
+    values = t([[1.0, 2.0, 3.0, 0.0]]).requires_grad_(True)
+    old = t([[0.5, 2.5, 1.0, 0.0]])
+    returns = t([[2.0, 1.0, 2.0, 1.0]])
+    mask = t([[1, 1, 1, 0]])
+    loss, clip_frac = value_loss(values, old, returns, mask, clip=0.2)
+    # pos0: V moved +0.5 -> clipped V = 0.7 ; (1-2)^2 = 1, (0.7-2)^2 = 1.69 -> max 1.69 (clipped branch)
+    # pos1: V moved -0.5 -> clipped V = 2.3 ; (2-1)^2 = 1, (2.3-1)^2 = 1.69 -> max 1.69 (clipped branch)
+    # pos2: V moved +2.0 -> clipped V = 1.2 ; (3-2)^2 = 1, (1.2-2)^2 = 0.64 -> max 1    (unclipped)
+    # loss = 0.5 * (1.69 + 1.69 + 1) / 3 = 0.73 ; clipped branch on 2 of 3 tokens
+    assert loss.item() == pytest.approx(0.73, abs=1e-6)
+    assert clip_frac.item() == pytest.approx(2 / 3)
+    loss.backward()
+    # the clipped branch is constant in V (V - old beyond the clamp): zero gradient at pos0 and pos1;
+    # pos2: d/dV 0.5 * (V - R)^2 / 3 = (3 - 2) / 3
+    assert_close(values.grad, t([[0.0, 0.0, 1 / 3, 0.0]]))
+
+
+def test_masked_whiten_and_explained_variance():
+    mask = t([[1, 1, 1, 0]])
+    # mean 2, var (1 + 0 + 1)/3 = 2/3 -> (-1, 0, 1) / sqrt(2/3) = (-1.224745, 0, 1.224745); masked -> 0
+    assert_close(masked_whiten(t([[1.0, 2.0, 3.0, 50.0]]), mask), t([[-1.224745, 0.0, 1.224745, 0.0]]))
+    returns = t([[1.0, 2.0, 3.0, 9.0]])
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    # constant prediction: errors (-1, 0, 1), Var = 2/3 = Var(returns) -> 0
+    assert explained_variance(t([[2.0, 2.0, 2.0, 0.0]]), returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+    # errors (-0.5, 0, 0.5): Var = 1/6 -> 1 - (1/6)/(2/3) = 0.75
+    assert explained_variance(t([[1.5, 2.0, 2.5, 0.0]]), returns, mask).item() == pytest.approx(0.75)
+
+
+def test_ppo_loss_is_policy_objective_plus_weighted_value_loss():
+    lp, old, ref, adv, mask = _grpo_inputs()
+    token_adv = adv[:, None].expand(2, 3)  # the GRPO example's advantages, now per token
+    values = torch.zeros(2, 3, requires_grad=True)
+    returns = t([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]])
+    loss, stats = ppo_loss(lp, old, ref, token_adv, values, values.detach(), returns, mask, clip_low=CLIP_LOW,
+                           clip_high=CLIP_HIGH, kl_coef=KL_COEF, value_clip=0.5, value_loss_coef=0.5)
+    # actor part: -0.3075 (test_grpo_loss_is_masked_token_mean_of_pg_plus_kl)
+    # value part: V = V_old = 0 (no clipping); masked squared errors 1, 4 | 1, 9 -> 0.5 * 15/4 = 1.875
+    # total = -0.3075 + 0.5 * 1.875 = 0.63
+    assert loss.item() == pytest.approx(0.63, abs=1e-6)
+    assert stats["loss/value"].item() == pytest.approx(1.875)
+    assert stats["loss/policy"].item() == pytest.approx(-0.32, abs=1e-6)
+
+
+def test_entropy_from_logits_and_the_entropy_bonus():
+    # probs (1/4, 1/2, 1/4): H = -(2 * 1/4 * ln(1/4) + 1/2 * ln(1/2)) = ln2 + ln2/2 = 1.5 ln2 = 1.039721
+    assert entropy_from_logits(t([[0.0, LN2, 0.0]])).item() == pytest.approx(1.5 * LN2)
+    # uniform over 4: H = ln 4
+    assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))
+    lp, old, ref, adv, mask = _grpo_inputs()
+    ent = t([[1.0, 2.0, 100.0], [100.0, 3.0, 4.0]])  # masked positions hold 100: must not count
+    base, _ = policy_objective(lp, old, ref, adv[:, None].expand(2, 3), mask, clip_low=CLIP_LOW,
+                               clip_high=CLIP_HIGH, kl_coef=KL_COEF)
+    bonus, stats = policy_objective(lp, old, ref, adv[:, None].expand(2, 3), mask, clip_low=CLIP_LOW,
+                                    clip_high=CLIP_HIGH, kl_coef=KL_COEF, entropy=ent, entropy_coef=0.01)
+    # masked mean entropy = (1 + 2 + 3 + 4) / 4 = 2.5 -> loss lower by 0.01 * 2.5 = 0.025
+    assert bonus.item() == pytest.approx(base.item() - 0.025, abs=1e-6)
+    assert stats["loss/entropy"].item() == pytest.approx(2.5)
+
+
+# --- the rollout filter ------------------------------------------------------------------------------
+
+
+def test_rollout_filter_keeps_the_groups_with_the_largest_spread():
+    returns = t([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.5, 1.0]])
+    # sample stds: 0, 0.57735, 0, 0.57735, 0.5
+    assert keep_spread_groups(returns, 0.4).tolist() == [1, 3]  # int(0.4 * 5) = 2 groups
+    assert keep_spread_groups(returns, 0.6).tolist() == [1, 3, 4]  # 3 groups
+    assert keep_spread_groups(returns, 0.2).tolist() == [1]  # tie 1 vs 3: the earlier group
+    assert keep_spread_groups(returns, 1.0).tolist() == [0, 1, 2, 3, 4]

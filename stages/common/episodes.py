@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from stages.common.chat import ChatFormat
 from stages.common.contracts import Problem
 from stages.common.grading import count_distinct, grade
+from stages.common.rollout_engines import HFEngine, RolloutEngine
 
 
 @dataclass
@@ -22,6 +21,7 @@ class Turn:
     context_ids: template tokens placed before this answer (the prompt at turn 0, the feedback user
         turn after), never trained on.
     answer_ids: exactly the token ids sampled at this turn, ending with eos when the model stopped.
+    logprobs: the rollout engine's log-probability of each sampled id (empty when not recorded).
     """
 
     context_ids: list[int]
@@ -29,6 +29,7 @@ class Turn:
     reply: str
     answer: str | None
     correct: bool
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -66,50 +67,16 @@ class Episode:
         return [m for t in self.turns for m in (*[0] * len(t.context_ids), *[1] * len(t.answer_ids))]
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-@torch.no_grad()
-def sample_answers(model, fmt: ChatFormat, contexts: list[list[int]], *, temperature: float,
-                   max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """Sample one answer per context with `generate`; return the sampled ids, cut after the first eos.
-
-    Sampling is from the model's full distribution at `temperature` (top_k=0, top_p=1), the same
-    distribution the RL loss computes log-probabilities under. temperature=0 means greedy.
-    """
-    device = next(model.parameters()).device
-    limit = int(model.config.max_position_embeddings)
-    out: list[list[int]] = []
-    for start in range(0, len(contexts), batch_size):
-        chunk = contexts[start:start + batch_size]
-        longest = max(map(len, chunk))
-        if longest + max_new_tokens > limit:
-            raise ValueError(f"context of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
-                             f"model's {limit} positions; lower max_turns/max_new_tokens or enlarge the model")
-        ids, mask = _left_pad(chunk, fmt.pad_id, device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
-            if temperature > 0 else {"do_sample": False}
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=fmt.eos_id, pad_token_id=fmt.pad_id, **sampling)
-        for row in gen[:, ids.shape[1]:].tolist():
-            cut = row.index(fmt.eos_id) + 1 if fmt.eos_id in row else len(row)
-            out.append(row[:cut])
-    return out
-
-
 def rollout(model, fmt: ChatFormat, problems: list[Problem], *, group_size: int, max_turns: int,
-            temperature: float, max_new_tokens: int, batch_size: int = 512) -> list[Episode]:
+            temperature: float, max_new_tokens: int, batch_size: int = 512,
+            engine: RolloutEngine | None = None) -> list[Episode]:
     """Play `group_size` episodes per problem, all active episodes of a turn in one batched generate.
 
+    Answers come from `engine` when given (the RL stage's `hf` or `vllm` engine), else from
+    `model.generate` in batches of `batch_size` (`model` is then unused when an engine is given).
     Returns episodes grouped by problem: episodes[p * group_size + g].
     """
+    engine = engine or HFEngine(model, fmt.eos_id, fmt.pad_id, batch_size)
     episodes = [Episode(p) for p in problems for _ in range(group_size)]
     contexts = [fmt.prompt_ids(e.problem.question) for e in episodes]
     pending = [list(c) for c in contexts]  # template tokens to place before each episode's next answer
@@ -117,13 +84,14 @@ def rollout(model, fmt: ChatFormat, problems: list[Problem], *, group_size: int,
         active = [i for i, e in enumerate(episodes) if not e.done]
         if not active:
             break
-        sampled = sample_answers(model, fmt, [contexts[i] for i in active], temperature=temperature,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
-        for i, answer_ids in zip(active, sampled, strict=True):
+        sampled = engine.generate([contexts[i] for i in active], temperature=temperature,
+                                  max_new_tokens=max_new_tokens)
+        for i, gen in zip(active, sampled, strict=True):
             ep = episodes[i]
+            answer_ids = gen.token_ids
             reply = fmt.tokenizer.decode(answer_ids, skip_special_tokens=True)
             g = grade(ep.problem.answer, reply)
-            ep.turns.append(Turn(pending[i], answer_ids, reply, g.answer, g.correct))
+            ep.turns.append(Turn(pending[i], answer_ids, reply, g.answer, g.correct, gen.logprobs))
             contexts[i] = contexts[i] + answer_ids
             if g.correct or ep.num_turns == max_turns:
                 ep.done = True

@@ -1,7 +1,10 @@
-"""The RL stage's config: the episode protocol (T, gamma, lambda, feedback) and the optimiser."""
+"""The RL stage's config: the episode protocol (T, gamma, lambda, feedback), the estimator (PPO with a
+GAE critic, or GRPO), batching, the rollout engine and checkpoints. Imports no torch: the batch
+invariants are checked when the config is loaded, naming the field."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -21,8 +24,8 @@ class Config(StageConfig):
     """The curate stage's Output (set by the flow)."""
     sft: SFTOutput | None = None
     """The SFT stage's Output: the starting policy and the KL reference (set by the flow)."""
-    algorithm: Literal["grpo"] = "grpo"
-    """Policy-gradient estimator. GRPO: group-normalised episode returns, no critic."""
+
+    # --- the episode protocol and its reward ---
     max_turns: int = Field(5, ge=1)
     """T: most answers per episode (paper: 5). Rollout time grows with it."""
     gamma: float = Field(0.5, gt=0, le=1)
@@ -31,26 +34,93 @@ class Config(StageConfig):
     """λ: at episode end, subtract λ·(1 − E/T), E distinct valid answers of the T given (paper: 0.5)."""
     feedback: str = DEFAULT_FEEDBACK
     """The unary feedback appended as the next user turn after a wrong answer."""
-    steps: int = Field(130, ge=1)
-    """Policy updates (rollout + update). ~0.9 s each for the tiny default on 2 cores."""
-    problems_per_step: int = Field(32, ge=1)
-    """Problems sampled per step (paper: 8)."""
-    group_size: int = Field(8, ge=2)
-    """Episodes per problem; advantages are normalised within each group (paper: 16)."""
-    minibatch_size: int = Field(256, ge=1)
-    """Episodes per gradient step; must divide problems_per_step * group_size."""
-    ppo_epochs: int = Field(1, ge=1)
-    """Passes over each rollout batch. 1 = on-policy (ratio starts at 1)."""
-    lr: float = Field(2e-4, gt=0)
-    """AdamW learning rate. For the tiny default >= 5e-4 lets the policy game the repetition penalty."""
+
+    # --- the estimator ---
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    """`ppo`: PPO with a learned critic and GAE over the generated tokens (the paper's estimator); costs
+    a critic forward per step and a critic forward/backward per update. `grpo`: group-normalised
+    episode returns, no critic (DeepSeekMath)."""
+    critic: Literal["separate", "value_head"] = "separate"
+    """PPO only. `separate`: a copy of the SFT model's decoder with a scalar head, its own optimizer
+    (the paper's verl setup; doubles the trained weights and optimizer memory). `value_head`: a
+    scalar head on the policy's last hidden state, the value loss also training the shared decoder."""
+    gamma_gae: float = Field(1.0, ge=0, le=1)
+    """γ_GAE: discount between generated tokens in GAE (paper code: 1.0). Feedback and question
+    tokens are not steps: they neither discount nor break the recursion."""
+    lambda_gae: float = Field(1.0, ge=0, le=1)
+    """λ_GAE: GAE's bias/variance trade-off; 1.0 = Monte Carlo returns minus the critic's value
+    (paper code: 1.0), 0 = one-step TD."""
+    critic_lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate of the critic (the separate critic, or the value head) (paper: 1e-5)."""
+    value_clip: float = Field(0.5, gt=0)
+    """PPO value clipping: the critic may move a value at most this far from its rollout-time
+    estimate per update (verl's cliprange_value default 0.5)."""
+    value_loss_coef: float = Field(0.5, ge=0)
+    """Weight of the value loss next to the policy loss. With `critic: value_head` it sets how hard the
+    value loss pulls on the shared decoder; with a separate critic it only rescales the critic's gradient."""
+    whiten_advantages: bool = True
+    """PPO: normalise GAE advantages to mean 0, std 1 over the batch's generated tokens (verl, baselines)."""
+    scale_advantages: bool = True
+    """GRPO: divide group-centred returns by the group std; False only centres them (Dr. GRPO)."""
+    kl_coef: float = Field(0.01, ge=0)
+    """Weight of the KL to the frozen SFT reference (paper: 0.001). 0 skips the reference model and its
+    forward pass."""
+    kl_mode: Literal["loss", "reward"] = "loss"
+    """`loss`: k3 KL estimate added to the loss per token (GRPO's way). `reward`: -kl_coef·(log π_old −
+    log π_ref) added to each generated token's reward before advantages (the paper code's way:
+    verl use_kl_in_reward); needs the pre-update log-probs, so the "old" forward always runs."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight (paper: 0.001). The entropy of the sampling distribution at generated
+    positions is logged either way."""
     clip_low: float = Field(0.2, gt=0, lt=1)
     """PPO ratio clip below 1 (paper: 0.2)."""
     clip_high: float = Field(0.28, gt=0)
     """PPO ratio clip above 1 (paper: 0.28, "clip-higher")."""
-    kl_coef: float = Field(0.01, ge=0)
-    """Weight of the k3 KL estimate to the frozen SFT reference (paper: 0.001). 0 skips the reference model."""
-    scale_advantages: bool = True
-    """Divide group-centred returns by the group std (GRPO); False only centres them (Dr. GRPO)."""
+
+    # --- batch sizes ---
+    steps: int = Field(130, ge=1)
+    """Policy updates (rollout + update). ~0.7-0.9 s each for the tiny default on 2 cores."""
+    problems_per_step: int = Field(32, ge=1)
+    """Problems sampled per step (paper: 8). Problems are drawn without replacement, epoch by epoch."""
+    group_size: int = Field(8, ge=2)
+    """Episodes per problem; GRPO normalises advantages within each group (paper: 16)."""
+    rollout_filter_fraction: float = Field(1.0, gt=0, le=1)
+    """Keep the int(f · problems_per_step) problem groups whose returns spread most, drop the rest before
+    the update (paper code: 0.25, RAGEN's rollout_filter_ratio). 1.0 keeps everything. Rollout cost
+    is unchanged; update cost shrinks with f."""
+    minibatch_size: int = Field(256, ge=1)
+    """Episodes per optimizer step; must divide the episodes kept per step. Fewer than all of them =
+    several optimizer steps per rollout, and the "old" log-prob forward must run."""
+    micro_batch_tokens: int = Field(4096, ge=1)
+    """Most padded token slots per forward/backward (gradient accumulation in between): bounds activation
+    memory; must hold the longest possible episode. Episodes are sorted by length and cut into
+    micro-batches each padded only to its own longest episode (see `micro_batch_call_cost`)."""
+    micro_batch_call_cost: int = Field(256, ge=0)
+    """What one more forward/backward call costs, in token slots: the cut into micro-batches minimises
+    padded slots + this x calls. 0 = a micro-batch per distinct length (no padding, many small calls);
+    large = as few calls as the budget allows. At T = 5 with the tiny default, 256 gives ~4 calls and
+    ~6% padding, vs ~55% for one tensor padded to the longest episode."""
+    shared_prefix: bool = True
+    """Run each problem's prompt once per forward pass and let its group_size episodes attend to its
+    keys/values (Prefix Grouper, arXiv 2506.05433): same log-probs and gradients, fewer token slots
+    (at T = 1 on the tiny task about half). Needs full attention in every layer (else ignored)."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each rollout batch. 1 with one minibatch = strictly on-policy: the ratio is exactly 1,
+    so the "old" log-prob forward is skipped (the update's own forward, detached, is used)."""
+    lr: float = Field(2e-4, gt=0)
+    """AdamW learning rate of the policy. For the tiny default >= 5e-4 lets the policy game the repetition penalty."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Clip the global gradient norm of the policy (and of the critic, separately) to this."""
+
+    # --- rollouts ---
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    """`hf`: batched `generate` on the training model (CPU or GPU). `vllm`: a vLLM engine on the GPU, weights
+    pushed after each update (adapter only for LoRA), prefix caching across turns. Refused at load
+    when vLLM is not installed."""
+    rollout_batch_size: int = Field(512, ge=1)
+    """hf engine: contexts per `generate` call (KV-cache memory grows with it)."""
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, lt=1)
+    """vllm engine: share of GPU memory vLLM may take (weights + KV cache); the trainer needs the rest."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of rollouts; log-probs in the loss use the same temperature."""
     max_new_tokens: int = Field(8, ge=1)
@@ -59,17 +129,57 @@ class Config(StageConfig):
     """Longest question prompt allowed, in tokens (longer prompts are an error naming the row)."""
     max_feedback_tokens: int = Field(8, ge=1)
     """Upper bound on the template tokens of one feedback turn (4 with the tiny tokenizer, ~15 with Qwen's)."""
-    grad_clip: float = Field(1.0, gt=0)
+
+    # --- checkpoints ---
+    checkpoint_every: int = Field(50, ge=0)
+    """Save policy, critic, optimizers, RNG states and data position every N steps into the stage's MLflow
+    run (`checkpoints/step-N/`; ~12 MB each for the tiny default, ~4x the weights' size in general).
+    0 = never."""
+    resume: bool = True
+    """On start, continue from the newest checkpoint of an unfinished (killed or failed) run with the
+    same resume key: this config minus `experiment`/`resume`/`checkpoint_every`, the input artifacts'
+    digests and the RL code's digest. A rerun of a killed stage therefore resumes, whatever its new
+    MLflow run id. False = always start over."""
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        batch = self.problems_per_step * self.group_size
-        if batch % self.minibatch_size:
-            raise ValueError(f"minibatch_size: {self.minibatch_size} must divide problems_per_step * group_size "
-                             f"({self.problems_per_step} * {self.group_size} = {batch})")
-        if self.clip_low >= 1:
-            raise ValueError("clip_low: must be < 1")
+        kept = self.kept_problems
+        if kept < 1:
+            raise ValueError(f"rollout_filter_fraction: keeps int({self.rollout_filter_fraction} * "
+                             f"{self.problems_per_step}) = 0 problem groups per step")
+        if self.kept_episodes % self.minibatch_size:
+            if kept == self.problems_per_step:
+                raise ValueError(f"minibatch_size: {self.minibatch_size} must divide problems_per_step * group_size "
+                                 f"({kept} * {self.group_size} = {self.kept_episodes})")
+            raise ValueError(f"minibatch_size: {self.minibatch_size} must divide the episodes kept per step by the "
+                             f"rollout filter (int(rollout_filter_fraction * problems_per_step) * group_size = "
+                             f"{kept} * {self.group_size} = {self.kept_episodes})")
+        if self.micro_batch_tokens < self.max_episode_tokens:
+            raise ValueError(f"micro_batch_tokens: {self.micro_batch_tokens} cannot hold one episode of up to "
+                             f"{self.max_episode_tokens} tokens (max_prompt_tokens + max_turns * "
+                             "(max_new_tokens + 1) + (max_turns - 1) * max_feedback_tokens)")
+        if self.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("rollout_engine: 'vllm' needs the vllm package, which is not importable here "
+                             "(pip install vllm on a CUDA machine), or use 'hf'")
+        if self.rollout_engine == "vllm" and self.device == "cpu":
+            raise ValueError("rollout_engine: 'vllm' runs on a GPU, but device is 'cpu'; use 'hf'")
         return self
+
+    @property
+    def kept_problems(self) -> int:
+        """Problem groups per step that survive the rollout filter (RAGEN rounds down the same way)."""
+        return int(self.rollout_filter_fraction * self.problems_per_step)
+
+    @property
+    def kept_episodes(self) -> int:
+        return self.kept_problems * self.group_size
+
+    @property
+    def skips_old_forward(self) -> bool:
+        """True when the pre-update log-probs equal the update's own forward: one epoch, one optimizer step
+        per rollout, and no KL-in-reward (which needs them before the update)."""
+        return (self.ppo_epochs == 1 and self.minibatch_size == self.kept_episodes
+                and not (self.kl_mode == "reward" and self.kl_coef > 0))
 
     @property
     def max_episode_tokens(self) -> int:

@@ -1,67 +1,139 @@
-"""The RL trainer (see stages/rl/__init__.py): rollout -> reward -> advantage -> update -> log."""
+"""The RL trainer (see stages/rl/__init__.py): rollout -> reward -> advantage -> update -> log -> checkpoint."""
 
 from __future__ import annotations
 
-import copy
 import logging
-import random
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import mlflow
 import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
-from stages.common.contracts import load_split, problems_from
+from stages.common.contracts import Problem, load_split, problems_from
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import episode_metrics
-from stages.common.model import load_pretrained, resolve_device, save_pretrained, seed_everything
+from stages.common.model import resolve_device, save_pretrained, seed_everything
+from stages.common.rollout_engines import RolloutEngine, make_engine
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import StageContext, fetch_verified, log_artifact
+from stages.rl import checkpoint
+from stages.rl.batch import Batch, collate, forward_slots, micro_batches, padding_share, step_problems
 from stages.rl.config import Config, Output
-from stages.rl.losses import group_advantages, grpo_loss, token_logprobs
+from stages.rl.losses import (
+    explained_variance,
+    gae,
+    group_advantages,
+    grpo_loss,
+    keep_spread_groups,
+    kl_penalty_rewards,
+    last_token_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_loss,
+)
+from stages.rl.models import (
+    Models,
+    PrefixKV,
+    build_models,
+    critic_values,
+    prefix_kv,
+    score,
+    supports_shared_prefix,
+)
 from stages.rl.rewards import episode_return
 
 log = logging.getLogger("ufo.rl")
 
 
-@dataclass
-class Batch:
-    """Episodes as right-padded tensors.
+def train(config: Config, ctx: StageContext) -> Output:
+    if config.data is None or config.sft is None:
+        raise ConfigError("rl.data and rl.sft: the curate and SFT stages' Outputs are required (the flow sets them)")
+    set_cpu_threads()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    problems = problems_from(load_split(fetch_verified(config.data.artifact("train"), ctx.workdir / "in")))
+    model_dir = fetch_verified(config.sft.artifact("model"), ctx.workdir / "in")
+    models = build_models(config, model_dir, device)
+    fmt = ChatFormat(models.tokenizer, config.feedback)
+    _check_lengths(config, fmt, problems, models.policy)
+    engine = make_engine(config.rollout_engine, models.policy, eos_id=fmt.eos_id, pad_id=fmt.pad_id,
+                         batch_size=config.rollout_batch_size, model_path=model_dir,
+                         max_model_len=config.max_episode_tokens, seed=config.seed,
+                         gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    first_step, history = _resume(config, models, ctx)
+    t_start = time.time()
+    for step in range(first_step, config.steps + 1):
+        # 1-4. rollout -> reward -> advantage -> update
+        metrics = train_step(config, step, models, engine, fmt, problems, device)
+        # 5. log
+        mlflow.log_metrics(metrics, step=step)
+        history.append({"step": step, **metrics})
+        if step % 10 == 0 or step == first_step:
+            log.info("step %d reward %.3f succ@1 %.3f succ@%d %.3f kl %.4f (%.2fs)", step,
+                     metrics["rollout/reward_mean"], metrics["rollout/succ_at_1"], config.max_turns,
+                     metrics[f"rollout/succ_at_{config.max_turns}"], metrics["loss/kl"], metrics["perf/step_seconds"])
+        # 6. checkpoint
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            t0 = time.time()
+            checkpoint.save_checkpoint(models, step, step * config.problems_per_step, history,
+                                       ctx.workdir / "checkpoints")
+            mlflow.log_metric("perf/checkpoint_seconds", time.time() - t0, step=step)
+    return _finish(config, models, history, first_step, time.time() - t_start, ctx)
 
-    input_ids: [B, L+1] episode token ids; attention_mask: [B, L+1];
-    response_mask: [B, L] 1 where token j+1 was sampled by the policy (aligned with logprobs);
-    advantages: [B] one per episode.
-    """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    advantages: torch.Tensor
+def train_step(config: Config, step: int, models: Models, engine: RolloutEngine, fmt: ChatFormat,
+               problems: list[Problem], device: torch.device) -> dict[str, float]:
+    """One RL step, phase by phase; returns its metrics (perf/<phase>_seconds for each phase)."""
+    timer = PhaseTimer()
+    # 1. rollout
+    with timer("rollout"):
+        models.train(False)
+        episodes = rollout(None, fmt, step_problems(problems, config.seed, step, config.problems_per_step),
+                           group_size=config.group_size, max_turns=config.max_turns,
+                           temperature=config.temperature, max_new_tokens=config.max_new_tokens, engine=engine)
+    # 2. reward (answers were graded during the rollout: the feedback depends on it), rollout filter
+    with timer("reward"):
+        all_returns = episode_returns(episodes, config)  # [P*G]
+        kept = keep_spread_groups(all_returns.view(config.problems_per_step, config.group_size),
+                                  config.rollout_filter_fraction)  # [K]
+        rows = (kept[:, None] * config.group_size + torch.arange(config.group_size)).flatten()  # [K*G]
+        shared = config.shared_prefix and supports_shared_prefix(models.policy)
+        batch = collate([episodes[i] for i in rows.tolist()], fmt.pad_id, shared_prefix=shared)
+        returns = all_returns[rows]  # [K*G]
+        chunks = micro_batches(batch.lengths, torch.arange(len(batch)), config.micro_batch_tokens,
+                               config.micro_batch_call_cost)
+    # the log-probs and values at rollout time that the advantage and the loss need
+    with timer("ref_forward"):
+        if models.reference is not None:
+            batch.ref_logprobs = forward_all(
+                models.reference, lambda mb, kv: score(models.reference, mb, config.temperature, kv=kv).logprobs,
+                batch, chunks, device)
+    with timer("old_forward"):
+        if not config.skips_old_forward:
+            batch.old_logprobs = forward_all(
+                models.policy, lambda mb, kv: score(models.policy, mb, config.temperature, kv=kv).logprobs,
+                batch, chunks, device)
+    with timer("value_forward"):
+        if models.critic is not None:
+            batch.old_values = forward_all(models.value_prefix_model, lambda mb, kv: critic_values(models, mb, kv),
+                                           batch, chunks, device)
+    # 3. advantage
+    with timer("advantage"):
+        adv_stats = assign_advantages(batch, returns, config)
+    # 4. update
+    with timer("update"):
+        update_stats = update(models, batch, config, device)
+        engine.sync_weights(models.policy)
+    return update_stats | adv_stats | step_metrics(episodes, all_returns, batch, chunks, config) | timer.metrics()
 
-    def __getitem__(self, idx: torch.Tensor) -> Batch:
-        return Batch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx], self.advantages[idx])
 
-
-def collate(episodes: list[Episode], advantages: torch.Tensor, pad_id: int, device: torch.device) -> Batch:
-    """Pack episodes exactly as they were played: same ids, mask on the generated ones."""
-    seqs = [e.token_ids() for e in episodes]
-    masks = [e.response_mask() for e in episodes]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, L+1]
-    attn = torch.zeros_like(ids)  # [B, L+1]
-    resp = torch.zeros_like(ids)  # [B, L+1]
-    for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        resp[i, : len(m)] = torch.tensor(m)
-    return Batch(ids.to(device), attn.to(device), resp[:, 1:].to(device), advantages.to(device))
-
-
-def sequence_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, L+1, V]
-    return token_logprobs(logits, batch.input_ids, temperature)  # [B, L]
+# --- the phases ----------------------------------------------------------------------------------
 
 
 def episode_returns(episodes: list[Episode], cfg: Config) -> torch.Tensor:
@@ -72,77 +144,206 @@ def episode_returns(episodes: list[Episode], cfg: Config) -> torch.Tensor:
     ])
 
 
-def train(config: Config, ctx: StageContext) -> Output:
-    if config.data is None or config.sft is None:
-        raise ConfigError("rl.data and rl.sft: the curate and SFT stages' Outputs are required (the flow sets them)")
-    set_cpu_threads()
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    train_df = load_split(fetch_verified(config.data.artifact("train"), ctx.workdir / "in"))
-    model_dir = fetch_verified(config.sft.artifact("model"), ctx.workdir / "in")
-    policy, tokenizer = load_pretrained(model_dir, device)
-    fmt = ChatFormat(tokenizer, config.feedback)
-    problems = problems_from(train_df)
-    _check_lengths(config, fmt, problems, policy)
-    reference = None
-    if config.kl_coef > 0:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
-    rng = random.Random(config.seed)
-    t_start = time.time()
-    for step in range(1, config.steps + 1):
+@torch.no_grad()
+def forward_all(model: torch.nn.Module, fn: Callable[[Batch, PrefixKV | None], torch.Tensor], batch: Batch,
+                chunks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fn over every micro-batch (after `model` ran the shared prefixes once), reassembled into one
+    [B, L] CPU tensor in batch order."""
+    kv = prefix_kv(model, batch) if batch.has_prefix else None
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)  # [B, L]
+    for idx in chunks:
+        res = fn(batch.rows(idx, device), kv)  # [b, l]
+        out[idx, : res.shape[1]] = res.float().cpu()
+    return out
+
+
+def assign_advantages(batch: Batch, returns: torch.Tensor, cfg: Config) -> dict[str, float]:
+    """Fill batch.advantages (and batch.returns for PPO) from the episode returns; return stats.
+
+    PPO: the return sits on the last generated token (minus the per-token KL when kl_mode=reward), and
+    GAE runs over the generated tokens of all turns. GRPO: return (minus the episode's summed KL when
+    kl_mode=reward) relative to its group.
+    """
+    mask = batch.response_mask  # [B, L]
+    kl_rewards = None
+    if cfg.kl_mode == "reward" and cfg.kl_coef > 0:
+        kl_rewards = kl_penalty_rewards(batch.old_logprobs, batch.ref_logprobs, mask, cfg.kl_coef)  # [B, L]
+    if cfg.algorithm == "grpo":
+        shaped = returns + (kl_rewards.sum(dim=1) if kl_rewards is not None else 0.0)  # [B]
+        batch.advantages = group_advantages(shaped.view(-1, cfg.group_size), scale=cfg.scale_advantages).flatten()
+        return {}
+    rewards = last_token_rewards(returns.float(), mask)  # [B, L]
+    if kl_rewards is not None:
+        rewards = rewards + kl_rewards
+    advantages, targets = gae(rewards, batch.old_values, mask, cfg.gamma_gae, cfg.lambda_gae)  # [B, L]
+    batch.advantages = masked_whiten(advantages, mask) if cfg.whiten_advantages else advantages
+    batch.returns = targets
+    return {
+        "loss/explained_variance": float(explained_variance(batch.old_values, targets, mask)),
+        "loss/value_mean": float(masked_mean(batch.old_values, mask)),
+        "loss/return_mean": float(masked_mean(targets, mask)),
+        "loss/advantage_abs_mean": float(masked_mean(advantages.abs(), mask)),
+    }
+
+
+def update(models: Models, batch: Batch, cfg: Config, device: torch.device) -> dict[str, float]:
+    """ppo_epochs passes of minibatch optimizer steps, each accumulated over length-bucketed micro-batches.
+
+    Each micro-batch's loss is its token mean weighted by its share of the minibatch's generated
+    tokens, so the accumulated gradient is that of the minibatch's token mean, however it is cut.
+    Shared prefixes run once per minibatch: the micro-batches' gradients with respect to their keys/
+    values accumulate on detached copies, then flow back through the prefix pass in one backward.
+    """
+    models.train(True)
+    totals: dict[str, float] = defaultdict(float)
+    num_steps = 0
+    for _epoch in range(cfg.ppo_epochs):
+        one_minibatch = cfg.minibatch_size == len(batch)
+        order = torch.arange(len(batch)) if one_minibatch else torch.randperm(len(batch))
+        for start in range(0, len(batch), cfg.minibatch_size):
+            idx = order[start:start + cfg.minibatch_size]
+            tokens = batch.response_mask[idx].sum().clamp(min=1)
+            models.zero_grad()
+            prefixes = _PrefixGrads(models, batch)
+            for chunk in micro_batches(batch.lengths, idx, cfg.micro_batch_tokens, cfg.micro_batch_call_cost):
+                mb = batch.rows(chunk, device)
+                weight = float(mb.response_mask.sum() / tokens)
+                loss, stats = micro_batch_loss(models, mb, cfg, prefixes.policy, prefixes.critic)
+                (loss * weight).backward()
+                for k, v in stats.items():
+                    totals[k] += float(v) * weight
+            prefixes.backward()
+            for k, v in models.step(cfg.grad_clip).items():
+                totals[k] += v
+            num_steps += 1
+    return {k: v / num_steps for k, v in totals.items()}
+
+
+class _PrefixGrads:
+    """The policy's (and a separate critic's) prefix keys/values for one minibatch, with grad: handed to
+    the micro-batches as detached leaves, whose accumulated grads `backward` sends through the prefix
+    pass once."""
+
+    def __init__(self, models: Models, batch: Batch):
+        self.graphs: list[PrefixKV] = []
+        self.policy = self._leaves(models.policy, batch)
+        separate = models.critic is not None and not models.shared_critic
+        self.critic = self._leaves(models.critic, batch) if separate else None
+
+    def _leaves(self, model, batch: Batch) -> PrefixKV | None:
+        if not batch.has_prefix:
+            return None
+        kv = prefix_kv(model, batch)
+        self.graphs.append(kv)
+        return [(k.detach().requires_grad_(True), v.detach().requires_grad_(True)) for k, v in kv]
+
+    def backward(self) -> None:
+        leaves = [t for kv in (self.policy, self.critic) if kv for pair in kv for t in pair]
+        graphs = [t for kv in self.graphs for pair in kv for t in pair]
+        pairs = [(g, leaf.grad) for g, leaf in zip(graphs, leaves, strict=True) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([g for g, _ in pairs], [grad for _, grad in pairs])
+
+
+def micro_batch_loss(models: Models, mb: Batch, cfg: Config, policy_kv: PrefixKV | None = None,
+                     critic_kv: PrefixKV | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The algorithm's loss on one micro-batch (with grad)."""
+    value_head = models.critic if models.shared_critic else None
+    s = score(models.policy, mb, cfg.temperature, entropy=cfg.entropy_coef > 0, value_head=value_head, kv=policy_kv)
+    # One epoch, one minibatch: the pre-update log-probs ARE this forward's; detach (ratio exactly 1).
+    old = mb.old_logprobs if mb.old_logprobs is not None else s.logprobs.detach()  # [B, L]
+    kl_coef = cfg.kl_coef if cfg.kl_mode == "loss" else 0.0
+    common = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "kl_coef": kl_coef, "entropy": s.entropy,
+              "entropy_coef": cfg.entropy_coef}
+    if cfg.algorithm == "ppo":
+        values = s.values if value_head is not None else critic_values(models, mb, critic_kv)  # [B, L]
+        loss, stats = ppo_loss(s.logprobs, old, mb.ref_logprobs, mb.advantages, values, mb.old_values, mb.returns,
+                               mb.response_mask, value_clip=cfg.value_clip, value_loss_coef=cfg.value_loss_coef,
+                               **common)
+    else:
+        loss, stats = grpo_loss(s.logprobs, old, mb.ref_logprobs, mb.advantages, mb.response_mask, **common)
+    # How far the rollout engine's log-probs are from the trainer's (kernels, padding, precision).
+    stats["rollout/logprob_abs_diff"] = masked_mean((mb.rollout_logprobs - old).abs(), mb.response_mask)
+    return loss, stats
+
+
+def step_metrics(episodes: list[Episode], all_returns: torch.Tensor, batch: Batch, chunks: list[torch.Tensor],
+                 cfg: Config) -> dict[str, float]:
+    metrics = {f"rollout/{k}": v for k, v in episode_metrics(episodes, cfg.max_turns).items()}
+    spread = all_returns.view(cfg.problems_per_step, cfg.group_size).std(dim=1)  # [P]
+    metrics |= {
+        "rollout/reward_mean": float(all_returns.mean()),
+        "rollout/reward_std": float(all_returns.std()),
+        "rollout/group_spread_mean": float(spread.mean()),
+        "rollout/kept_episodes": float(len(batch)),
+        "rollout/generated_tokens": float(batch.response_mask.sum()),
+    }
+    slots, real = forward_slots(batch, chunks)
+    full = batch.lengths + batch.prefix_lens  # [B] whole episodes
+    metrics |= {
+        "perf/forward_slots": float(slots),
+        "perf/padding_share": 1.0 - real / slots,
+        "perf/forward_slots_unbucketed": float(len(full) * int(full.max())),
+        "perf/padding_share_unbucketed": padding_share(full, [torch.arange(len(batch))]),
+    }
+    if cfg.kl_mode == "reward" and cfg.kl_coef > 0:  # the KL the reward was charged (k1, at rollout time)
+        metrics["loss/kl"] = float(masked_mean(batch.old_logprobs - batch.ref_logprobs, batch.response_mask))
+    return metrics
+
+
+class PhaseTimer:
+    """Wall time per phase of a step, logged as perf/<phase>_seconds (and perf/step_seconds)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.time()
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
         t0 = time.time()
-        # 1. rollout
-        policy.eval()
-        step_problems = rng.sample(problems, config.problems_per_step)
-        episodes = rollout(policy, fmt, step_problems, group_size=config.group_size, max_turns=config.max_turns,
-                           temperature=config.temperature, max_new_tokens=config.max_new_tokens)
-        t_rollout = time.time() - t0
-        # 2. reward, 3. advantage
-        returns = episode_returns(episodes, config)  # [P*G]
-        advantages = group_advantages(returns.view(config.problems_per_step, config.group_size),
-                                      scale=config.scale_advantages).flatten()  # [P*G]
-        batch = collate(episodes, advantages, fmt.pad_id, device)
-        with torch.no_grad():
-            old_logprobs = sequence_logprobs(policy, batch, config.temperature)  # [B, L]
-            ref_logprobs = sequence_logprobs(reference, batch, config.temperature) if reference else None
-        # 4. update
-        policy.train()
-        stats: dict[str, float] = {}
-        order = torch.randperm(len(episodes))
-        for _epoch in range(config.ppo_epochs):
-            for start in range(0, len(episodes), config.minibatch_size):
-                idx = order[start:start + config.minibatch_size]
-                mb = batch[idx]
-                logprobs = sequence_logprobs(policy, mb, config.temperature)
-                loss, mb_stats = grpo_loss(
-                    logprobs, old_logprobs[idx], None if ref_logprobs is None else ref_logprobs[idx],
-                    mb.advantages, mb.response_mask, clip_low=config.clip_low, clip_high=config.clip_high,
-                    kl_coef=config.kl_coef)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
-                opt.step()
-                stats = {k: float(v) for k, v in mb_stats.items()} | {"loss/grad_norm": float(grad_norm)}
-        # 5. log
-        metrics = {f"rollout/{k}": v for k, v in episode_metrics(episodes, config.max_turns).items()}
-        metrics |= {
-            "rollout/reward_mean": float(returns.mean()),
-            "rollout/reward_std": float(returns.std()),
-            "rollout/generated_tokens": float(batch.response_mask.sum()),
-            "perf/step_seconds": time.time() - t0,
-            "perf/rollout_seconds": t_rollout,
-            "perf/episodes_per_second": len(episodes) / t_rollout,
-        } | stats
-        mlflow.log_metrics(metrics, step=step)
-        if step % 10 == 0 or step == 1:
-            log.info("step %d reward %.3f succ@1 %.3f succ@%d %.3f kl %.4f (%.2fs)", step,
-                     metrics["rollout/reward_mean"], metrics["rollout/succ_at_1"], config.max_turns,
-                     metrics[f"rollout/succ_at_{config.max_turns}"], metrics["loss/kl"], metrics["perf/step_seconds"])
-    # 6. checkpoint
-    summary = {"rl/steps": float(config.steps), "perf/train_seconds": time.time() - t_start}
+        yield
+        self.seconds[phase] = time.time() - t0
+
+    def metrics(self) -> dict[str, float]:
+        return {f"perf/{k}_seconds": v for k, v in self.seconds.items()} | {"perf/step_seconds": time.time() - self.start}
+
+
+# --- start and end -------------------------------------------------------------------------------
+
+
+def _resume(config: Config, models: Models, ctx: StageContext) -> tuple[int, list[dict[str, float]]]:
+    """Tag this run with its resume key; continue from the newest matching checkpoint if there is one.
+
+    Returns (first step to run, metric history so far). The history is logged again into this run, so
+    its curves are complete.
+    """
+    key = checkpoint.resume_key(config)
+    run = mlflow.active_run()
+    found = checkpoint.find_checkpoint(key, run.info.experiment_id, run.info.run_id) if config.resume else None
+    mlflow.set_tag(checkpoint.TAG_RESUME_KEY, key)
+    if found is None:
+        return 1, []
+    step, history = checkpoint.restore_checkpoint(models, found, ctx.workdir)
+    log.info("resuming from run %s at step %d (of %d)", found.run_id, step, config.steps)
+    mlflow.set_tag(checkpoint.TAG_RESUMED_FROM, f"{found.run_id}@step-{step}")
+    now = int(time.time() * 1000)
+    old = [Metric(k, v, now, int(h["step"])) for h in history for k, v in h.items() if k != "step"]
+    for i in range(0, len(old), 1000):  # MLflow's log_batch takes at most 1000 metrics
+        MlflowClient().log_batch(run.info.run_id, metrics=old[i:i + 1000])
+    return step + 1, history
+
+
+def _finish(config: Config, models: Models, history: list[dict[str, float]], first_step: int, seconds: float,
+            ctx: StageContext) -> Output:
+    last = history[-10:]
+    summary = {
+        "rl/steps": float(config.steps),
+        "rl/resumed_at_step": float(first_step - 1),
+        "rl/train_reward_last10": sum(h["rollout/reward_mean"] for h in last) / max(1, len(last)),
+        "perf/train_seconds": seconds,
+    }
     mlflow.log_metrics(summary)
-    model_ref = log_artifact(save_pretrained(policy, tokenizer, ctx.workdir / "model"), "model")
+    model_ref = log_artifact(save_pretrained(models.policy, models.tokenizer, ctx.workdir / "model"), "model")
     return Output(run_id=ctx.run_id, artifacts={"model": model_ref}, metrics=summary)
 
 
@@ -159,3 +360,7 @@ def _check_lengths(cfg: Config, fmt: ChatFormat, problems, model) -> None:
     if cfg.max_episode_tokens > limit:
         raise ConfigError(f"rl.max_turns: an episode can take {cfg.max_episode_tokens} tokens, more than the "
                           f"model's {limit} positions")
+    if len(problems) < cfg.problems_per_step:
+        raise ConfigError(f"rl.problems_per_step: {cfg.problems_per_step} problems per step, but the training "
+                          f"split has only {len(problems)}")
+

@@ -1,0 +1,209 @@
+"""Rollout engines: what samples the answers of an episode, behind one interface.
+
+An engine takes token-id contexts and returns, per context, the token ids it sampled and their
+log-probabilities under the sampling distribution (the model's logits / temperature, nothing else:
+no top-k, top-p or repetition penalty). The trainer then trains on exactly those ids, never on a
+decode -> encode round trip, and can compare the engine's log-probs with its own.
+
+- `hf`: `model.generate` on the training model itself (CPU or GPU); nothing to synchronise.
+- `vllm`: a vLLM engine next to the trainer (GPU). Weights are pushed into it after every update
+  (for a peft/LoRA policy only the adapter is pushed, as a LoRA request), and prefix caching is on
+  so later turns of an episode reuse the KV of the earlier ones. vLLM is not installed on any machine
+  this project has: that code path has never run (see `VLLMEngine`). The RL config refuses
+  `rollout_engine: vllm` at load time when vLLM is not importable, so it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class Generation:
+    """One sampled answer: its token ids (ending with eos when the model stopped) and the log-probability
+    of each under the sampling distribution (same length)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(self, contexts: list[list[int]], *, temperature: float, max_new_tokens: int) -> list[Generation]:
+        """Sample one answer per context; temperature 0 = greedy."""
+        ...
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Make the engine sample from `policy`'s current weights (after an update)."""
+        ...
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records log p(sampled token) at every generation step without keeping [B, V] per step.
+
+    `generate` calls logits processors before sampling, so the token chosen at step k is only known
+    at step k+1 (the last column of `input_ids`); the step-k log-softmax is kept until then. Custom
+    processors run before generate's own temperature warper, so the temperature is applied here. With
+    every other warper neutral (see `HFEngine`) this is exactly the distribution sampled from.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.pending: torch.Tensor | None = None  # [B, V] log-softmax of the last step
+        self.steps: list[torch.Tensor] = []  # one [B] tensor per generated token
+
+    def collect(self, sampled: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, sampled[:, None]).squeeze(-1))  # [B]
+            self.pending = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.collect(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
+        return scores
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, W]
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, W]
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class HFEngine:
+    """Batched `model.generate` on the policy itself (no copy, so `sync_weights` has nothing to do).
+
+    Contexts are left-padded into batches of at most `batch_size`. Memory per batch ~ batch_size x
+    (context + max_new_tokens) of KV cache.
+    """
+
+    name = "hf"
+
+    def __init__(self, model, eos_id: int, pad_id: int, batch_size: int = 512):
+        self.model, self.eos_id, self.pad_id, self.batch_size = model, eos_id, pad_id, batch_size
+
+    def _generation_config(self, temperature: float, max_new_tokens: int) -> GenerationConfig:
+        # Every distribution-changing option set explicitly: a hub model's generation_config.json fills
+        # whatever is left unset (Qwen2.5-Instruct's sets top_k 20, top_p 0.8, repetition_penalty 1.05),
+        # and the trainer's log-probs would then not be those of the distribution sampled from.
+        # Repetition penalties apply to greedy decoding too; the warpers only when sampling.
+        neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+        if temperature > 0:
+            neutral |= {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "typical_p": 1.0,
+                        "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+        else:
+            neutral |= {"do_sample": False}
+        return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                **neutral)
+
+    @torch.no_grad()
+    def generate(self, contexts: list[list[int]], *, temperature: float, max_new_tokens: int) -> list[Generation]:
+        device = next(self.model.parameters()).device
+        limit = int(self.model.config.max_position_embeddings)
+        out: list[Generation] = []
+        for start in range(0, len(contexts), self.batch_size):
+            chunk = contexts[start:start + self.batch_size]
+            longest = max(map(len, chunk))
+            if longest + max_new_tokens > limit:
+                raise ValueError(f"context of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                                 f"model's {limit} positions; lower max_turns/max_new_tokens or enlarge the model")
+            ids, mask = _left_pad(chunk, self.pad_id, device)
+            recorder = _SampledLogprobs(temperature)
+            gen = self.model.generate(input_ids=ids, attention_mask=mask,
+                                      generation_config=self._generation_config(temperature, max_new_tokens),
+                                      logits_processor=LogitsProcessorList([recorder]))
+            new = gen[:, ids.shape[1]:]  # [B, N]
+            recorder.collect(new[:, -1])
+            logprobs = torch.stack(recorder.steps, dim=1).tolist()  # [B, N]
+            for row, lps in zip(new.tolist(), logprobs, strict=True):
+                cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+                out.append(Generation(row[:cut], lps[:cut]))
+        return out
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        if policy is not self.model:
+            raise ValueError("the hf engine samples from the policy object it was built with")
+
+
+class VLLMEngine:
+    """Rollouts in vLLM (`vllm.LLM`, colocated with the trainer on the same GPU), token ids in and out.
+
+    NEVER EXERCISED: vLLM cannot be installed on any machine available to this project, so not one line
+    of this class has run. It follows vLLM's documented offline API and the way TRL's colocated mode
+    drives it (trl/generation/vllm_generation.py); expect to debug it on first use. Choices it makes:
+    - `logprobs_mode="processed_logprobs"`: log-probs after temperature, i.e. of the distribution sampled
+      from (vLLM's default returns raw-logit log-probs, which bias importance ratios when T != 1);
+    - `enable_prefix_caching=True`: turn t+1's context starts with turn t's, so its KV is reused;
+    - full-weight push: `load_weights` on the engine's model then `reset_prefix_cache()` (cached KV was
+      computed with the old weights); LoRA push: the adapter saved to a folder and passed as a new
+      `LoRARequest` with every generate call (the base weights in vLLM never change).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_path: str | Path, eos_id: int, *, max_model_len: int, gpu_memory_utilization: float,
+                 seed: int, lora_rank: int | None = None):
+        from vllm import LLM  # noqa: PLC0415 - only importable where vLLM is installed
+
+        self.eos_id = eos_id
+        self.lora_rank = lora_rank
+        self._lora_request = None
+        self._lora_dir = Path(tempfile.mkdtemp(prefix="ufo-vllm-lora-"))
+        self._version = 0
+        self.llm = LLM(model=str(model_path), enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                       enable_lora=lora_rank is not None, max_lora_rank=lora_rank or 16)
+
+    def generate(self, contexts: list[list[int]], *, temperature: float, max_new_tokens: int) -> list[Generation]:
+        from vllm import SamplingParams, TokensPrompt  # noqa: PLC0415
+
+        params = SamplingParams(temperature=temperature, top_k=-1, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                                max_tokens=max_new_tokens, stop_token_ids=[self.eos_id], logprobs=0,
+                                skip_special_tokens=False, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params,
+                                    lora_request=self._lora_request, use_tqdm=False)
+        result = []
+        for out in outputs:
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            # logprobs=0: one {token_id: Logprob} dict per generated token, holding the sampled token
+            lps = [step[tok].logprob for tok, step in zip(ids, completion.logprobs, strict=True)]
+            result.append(Generation(ids, lps))
+        return result
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        self._version += 1
+        if self.lora_rank is not None:  # a peft model: push the adapter only
+            from vllm.lora.request import LoRARequest  # noqa: PLC0415
+
+            folder = self._lora_dir / f"v{self._version}"
+            policy.save_pretrained(str(folder))  # peft writes adapter_config.json + adapter weights only
+            self._lora_request = LoRARequest(f"policy-v{self._version}", self._version, str(folder))
+        else:
+            engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+            engine_model.load_weights((name, p.detach()) for name, p in policy.state_dict().items())
+        self.llm.reset_prefix_cache()
+
+
+def make_engine(kind: str, policy, *, eos_id: int, pad_id: int, batch_size: int = 512, model_path: str | Path | None = None,
+                max_model_len: int = 0, gpu_memory_utilization: float = 0.5, seed: int = 0,
+                lora_rank: int | None = None) -> RolloutEngine:
+    """The engine named by the config (`hf` | `vllm`)."""
+    if kind == "hf":
+        return HFEngine(policy, eos_id, pad_id, batch_size)
+    if kind == "vllm":
+        if model_path is None:
+            raise ValueError("the vllm engine loads the policy's weights from a folder: model_path is required")
+        return VLLMEngine(model_path, eos_id, max_model_len=max_model_len,
+                          gpu_memory_utilization=gpu_memory_utilization, seed=seed, lora_rank=lora_rank)
+    raise ValueError(f"unknown rollout engine {kind!r} (expected 'hf' or 'vllm')")
