@@ -10,7 +10,7 @@ from stages.common.chat import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, ChatForm
 from stages.common.episodes import rollout
 from stages.common.model import build_model
 from stages.common.model_spec import ModelConfig
-from stages.rl.stage import collate
+from stages.rl.batch import collate
 from tests.conftest import FEEDBACK, multiplication_problems
 
 CHAT = ModelConfig(init="scratch_chat", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -58,7 +58,7 @@ def test_five_turn_rollout_masks_on_the_chatml_template(chat):
     episodes = rollout(model, fmt, problems[:6], group_size=2, max_turns=5, temperature=1.0, max_new_tokens=6)
     assert all(e.num_turns == 5 for e in episodes), "a random policy should fail every turn"
     tok = fmt.tokenizer
-    batch = collate(episodes, torch.ones(len(episodes)), fmt.pad_id, torch.device("cpu"))
+    batch = collate(episodes, fmt.pad_id)  # whole episodes, no shared prefix: [B, W]
     targets = batch.input_ids[:, 1:]  # what each logprob position predicts  [B, L]
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
