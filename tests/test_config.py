@@ -101,3 +101,13 @@ def test_stage_cli_rejects_bad_stage_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stages.rl", "--config", str(cfg)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "gama: unknown key" in proc.stderr
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_config_dumped_in_full_validates_again(path, monkeypatch):
+    """The flow hands each stage its config dumped in full (every default written out); it must
+    validate again to the same config, whatever the file left unset."""
+    monkeypatch.setenv("UFO_DATA", "/data")
+    cfg = load_config(PipelineConfig, path)
+    again = PipelineConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg

@@ -133,8 +133,10 @@ class _DataSource(StrictModel):
                 if getattr(self, field) is not None:
                     raise ValueError(f"{field}: only for hub datasets (`hf`), not for `path`")
         if self.role == "eval":
+            # Compared with the default, not "was it set": a config dumped in full (what the flow hands
+            # a stage) holds every field and must validate again.
             for field in ("val_fraction", "test_fraction"):
-                if field in self.model_fields_set:
+                if getattr(self, field) != type(self).model_fields[field].default:
                     raise ValueError(f"{field}: an eval source is kept whole; remove it")
         return self
 
