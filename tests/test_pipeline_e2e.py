@@ -75,6 +75,7 @@ def test_stage_output_streams_into_prefect_logs(pipeline):
 
 
 def test_rerun_from_an_earlier_run_reuses_upstream_stages(pipeline, module_workspace):
+    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))
     (parent,) = pipeline.parents
     proc = ufo_run(module_workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "evaluate",
                    "--set", "evaluate.max_problems=20")
@@ -112,6 +113,7 @@ def _new_pipeline(before: set[str]):
 
 
 def test_an_identical_rerun_takes_every_stage_from_the_cache(pipeline, module_workspace):
+    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))  # another test may have moved it
     (first,) = pipeline.parents
     before = {r.info.run_id for r in find_runs("tags.`ufo.kind` = 'pipeline'")}
     proc = ufo_run(module_workspace, "configs/smoke.yaml")
@@ -130,6 +132,7 @@ def test_an_identical_rerun_takes_every_stage_from_the_cache(pipeline, module_wo
 
 
 def test_changing_only_an_evaluate_field_reruns_only_evaluate(pipeline, module_workspace):
+    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))
     before = {r.info.run_id for r in find_runs("tags.`ufo.kind` = 'pipeline'")}
     proc = ufo_run(module_workspace, "configs/smoke.yaml", "--set", "evaluate.temperature=0.7")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -147,6 +150,7 @@ def test_changing_only_an_evaluate_field_reruns_only_evaluate(pipeline, module_w
 
 
 def test_from_run_refuses_upstream_stages_made_under_another_config(pipeline, module_workspace):
+    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))
     (parent,) = pipeline.parents
     proc = ufo_run(module_workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "rl",
                    "--set", "rl.feedback=Try again.", "--set", "sft.lr=0.001")
