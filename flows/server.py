@@ -31,28 +31,31 @@ class PreflightError(ConfigError):
     """A server the run needs does not answer; raised before anything is created (exit 2)."""
 
 
-def check_http(url: str, what: str, timeout: float = PREFLIGHT_TIMEOUT_SECONDS) -> None:
-    """GET `url`; a PreflightError naming `what` and the URL unless it answers 2xx within `timeout`."""
+def check_http(url: str, what: str, timeout: float = PREFLIGHT_TIMEOUT_SECONDS, shown: str | None = None) -> None:
+    """GET `url`; a PreflightError naming `what` and `shown` (the URL the user set; default `url`) unless it
+    answers 2xx within `timeout`."""
+    shown = shown or url
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 -- http(s) URLs of the user's own servers
             if resp.status >= 300:
-                raise PreflightError(f"{what} {url} answered HTTP {resp.status}")
+                raise PreflightError(f"{what} {shown} answered HTTP {resp.status} to {url}")
     except urllib.error.HTTPError as err:
-        raise PreflightError(f"{what} {url} answered HTTP {err.code}") from None
+        raise PreflightError(f"{what} {shown} answered HTTP {err.code} to {url}") from None
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
-        raise PreflightError(f"{what} {url} is unreachable ({reason}); is the server running?") from None
+        raise PreflightError(f"{what} {shown} is unreachable ({reason}); is the server running?") from None
 
 
 def check_tracking(uri: str) -> None:
     """The MLflow tracking server answers, or a one-line PreflightError (local stores need no check)."""
     if uri.startswith(("http://", "https://")):
         # A real API call, not /health: it also meets the server's host check and authentication.
-        check_http(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", "MLFLOW_TRACKING_URI")
+        check_http(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", "MLFLOW_TRACKING_URI",
+                   shown=uri)
 
 
 def check_prefect_api(url: str) -> None:
-    check_http(url.rstrip("/") + "/health", "PREFECT_API_URL")
+    check_http(url.rstrip("/") + "/health", "PREFECT_API_URL", shown=url)
 
 
 def free_port() -> int:
