@@ -63,3 +63,17 @@ def test_first_turn_success_and_all_distinct_failure():
     assert ret(episode("3", ["3"], solved_at=0)) == pytest.approx(1.0)  # 0.5**0 - 0.5*(1 - 1/1)
     # unsolved, 5 different values: 0 - 0.5*(1 - 5/5) = 0
     assert ret(episode("9", ["1", "2", "3", "4", "5"], solved_at=None)) == 0.0
+
+
+def test_the_stage_returns_with_the_plausible_only_penalty():
+    from stages.rl import Config
+    from stages.rl.stage import episode_returns
+
+    # One problem, group of 2. Firsts: "5" and "7". Episode 1 invents "8", "9" after the feedback.
+    eps = [episode("6", ["5", "8", "9"], solved_at=None), episode("6", ["7", "5", "6"], solved_at=2)]
+    plain = episode_returns(eps, Config(group_size=2, minibatch_size=64))
+    plausible = episode_returns(eps, Config(group_size=2, minibatch_size=64, repetition_count="plausible"))
+    # distinct: ep1 E=3 of T=3 -> 0; ep2 0.25 - 0 -> 0.25
+    assert plain.tolist() == pytest.approx([0.0, 0.25])
+    # plausible: ep1 E=1 ("5") of 3 -> -0.5*(2/3); ep2 E=2 ("7", "5"; "6" was no group's first) -> 0.25 - 0.5/3
+    assert plausible.tolist() == pytest.approx([-1 / 3, 0.25 - 1 / 6])

@@ -32,6 +32,11 @@ class Config(StageConfig):
     """γ: a correct answer at 0-based turn t earns γ**t (paper: 0.5)."""
     repetition_penalty: float = Field(0.5, ge=0)
     """λ: at episode end, subtract λ·(1 − E/T), E distinct valid answers of the T given (paper: 0.5)."""
+    repetition_count: Literal["distinct", "plausible"] = "distinct"
+    """What E counts in the repetition penalty. `distinct`: every mathematically distinct valid answer (the
+    paper). `plausible`: only those that some episode of the same group gave as its FIRST answer (what the
+    policy finds likely for that problem), so inventing another wrong number after the feedback does not
+    lower the penalty; moving to another of its own likely answers does. Costs nothing measurable."""
     feedback: str = DEFAULT_FEEDBACK
     """The unary feedback appended as the next user turn after a wrong answer."""
 

@@ -46,7 +46,7 @@ from stages.rl.models import (
     score,
     supports_shared_prefix,
 )
-from stages.rl.rewards import episode_return
+from stages.rl.rewards import episode_return, group_plausible_distinct
 
 log = logging.getLogger("ufo.rl")
 
@@ -138,9 +138,11 @@ def train_step(config: Config, step: int, models: Models, engine: RolloutEngine,
 
 def episode_returns(episodes: list[Episode], cfg: Config) -> torch.Tensor:
     """[B] returns in rollout order (grouped by problem)."""
+    distinct = ([e.num_distinct for e in episodes] if cfg.repetition_count == "distinct"
+                else group_plausible_distinct([e.answers for e in episodes], cfg.group_size))
     return torch.tensor([
-        episode_return(e.solved_turn, e.num_distinct, e.num_turns, cfg.gamma, cfg.repetition_penalty)
-        for e in episodes
+        episode_return(e.solved_turn, d, e.num_turns, cfg.gamma, cfg.repetition_penalty)
+        for e, d in zip(episodes, distinct, strict=True)
     ])
 
 
