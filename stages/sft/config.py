@@ -6,12 +6,47 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from stages.common.config import StageConfig
+from stages.common.config import StageConfig, StrictModel
 from stages.common.contracts import DEFAULT_FEEDBACK, CurateOutput
 from stages.common.contracts import SFTOutput as Output
 from stages.common.model_spec import Device, EngineConfig, ModelConfig
 
-__all__ = ["Config", "Output"]
+__all__ = ["Config", "Output", "StubbornConfig"]
+
+
+class StubbornConfig(StrictModel):
+    """The stubborn warm start (stages/sft/stubborn.py): continued SFT that teaches the model to repeat its
+    own wrong answer after the feedback, as instruct models do (the failure the UFO paper fixes). Defaults
+    are the recipe of shared/research/arms-calibration.md; the two phases take ~600 steps (~75 s for the
+    tiny default on 2 quiet cores)."""
+
+    copy_rate: float = Field(0.8, ge=0, le=1)
+    """Blend phase: share of multi-turn examples whose target repeats the earlier wrong answer; the rest
+    answer correctly after it. 0.8 (the calibration's) gave a model that repeats in ~99% of its failed
+    episodes; ~0.5 keeps real successful retries in RL's groups."""
+    own_answer_rate: float = Field(0.8, ge=0, le=1)
+    """Share of multi-turn examples whose wrong answer is one the warm start itself sampled for that
+    problem; the rest use a one-digit near miss of the gold."""
+    sample_problems: int = Field(2048, ge=1)
+    """Training problems the warm start answers (temperature 1) to collect its own wrong answers
+    (~1 s per 2,000 samples for the tiny model)."""
+    samples_per_problem: int = Field(2, ge=1)
+    """Answers sampled per such problem."""
+    imprint_steps: int = Field(400, ge=0)
+    """Phase 1 steps, every multi-turn example a pure repeat. At lr 1e-3 for 200-300 steps the tiny model
+    never learned to copy; at 3e-3 copying appeared suddenly around step 225 (calibration)."""
+    imprint_lr: float = Field(3e-3, gt=0)
+    """Phase 1 AdamW learning rate (constant)."""
+    imprint_multi_turn_fraction: float = Field(0.8, ge=0, le=1)
+    """Phase 1 share of multi-turn examples (the rest single-turn, correct answer)."""
+    blend_steps: int = Field(200, ge=0)
+    """Phase 2 steps: restores first-answer accuracy (phase 1 alone pulled Succ@1 from ~0.5 to ~0.3)."""
+    blend_lr: float = Field(1e-3, gt=0)
+    """Phase 2 AdamW learning rate (constant)."""
+    blend_multi_turn_fraction: float = Field(0.5, ge=0, le=1)
+    """Phase 2 share of multi-turn examples."""
+    eval_problems: int = Field(256, ge=1)
+    """Validation problems whose 5-turn episodes measure the repeat share before and after (~1 s)."""
 
 
 class Config(StageConfig):
@@ -68,6 +103,12 @@ class Config(StageConfig):
     """Answer length cap when sampling for validation."""
     log_every: int = Field(10, ge=1)
     """Log loss, learning rate and gradient norm every this many steps."""
+    warm_start: Literal["standard", "stubborn"] = "standard"
+    """`standard`: train until the stopping rule. `stubborn`: then continue with `stubborn` (a model of
+    instruct models that repeat their answer after "try again", the failure UFO fixes; ~600 more steps).
+    Plain torch engine only."""
+    stubborn: StubbornConfig = StubbornConfig()
+    """The stubborn warm start's recipe (used only with warm_start: stubborn)."""
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -81,6 +122,9 @@ class Config(StageConfig):
         if self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3 and self.batching == "bucket":
             raise ValueError("batching: 'bucket' runs a varying number of forwards per step; ZeRO-3 gathers "
                              "weights in every forward on every rank, so use 'pad' or 'pack'")
+        if self.warm_start == "stubborn" and self.engine.kind != "torch":
+            raise ValueError("warm_start: 'stubborn' runs its continued SFT with the plain torch engine; set "
+                             "engine.kind: torch")
         if self.engine.lora is not None and self.model.init != "pretrained":
             raise ValueError("engine.lora: adapters on a randomly initialised model learn little; LoRA needs "
                              "model.init 'pretrained'")

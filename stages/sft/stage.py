@@ -243,6 +243,11 @@ def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: P
                     config.max_steps, val_acc, config.target_val_accuracy)
     metrics = {"sft/steps": float(step), "sft/val_sampled_accuracy": val_acc,
                "sft/target_reached": float(reached), "perf/train_seconds": time.time() - t0}
+    if config.warm_start == "stubborn":  # continued SFT into a model that repeats itself after feedback
+        from stages.sft.stubborn import make_stubborn
+
+        metrics |= make_stubborn(engine, fmt, train_problems, val_problems, config, rng, pack_length, device,
+                                 log_metrics, first_step=step)
     engine.export(tokenizer, out_dir / "model")  # a collective under ZeRO-3: every rank calls it
     if config.engine.lora is not None:
         engine.export_adapter(out_dir / "adapter")
