@@ -202,16 +202,21 @@ def test_a_scheduled_deployment_fires_by_itself(stack):
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     with prefect_client(stack.env["PREFECT_API_URL"]) as client:
         dep = client.read_deployment_by_name("ufo-pipeline/every-minute")
-        deadline, state = time.monotonic() + 900, None
+        deadline, first = time.monotonic() + 900, None
         while time.monotonic() < deadline:
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
-            done = [r for r in runs if r.state and r.state.is_final()]
-            if done:
-                state = done[0].state
+            started = [r for r in runs if r.state and (r.state.is_running() or r.state.is_final())]
+            if started:
+                first = started[0]
                 break
             time.sleep(5)
-        client.pause_deployment(dep.id)  # one firing is the test; no more
-        assert state is not None and state.is_completed(), state
-        assert runs[0].auto_scheduled, "it was started by its schedule, not by hand"
-    (pipeline,) = _pipelines("ufo-micro")
+        # One firing is the test: no more runs once it started (on a busy machine a run outlasts the interval).
+        client.pause_deployment(dep.id)
+        assert first is not None, "the schedule never started a run"
+        assert first.auto_scheduled, "it was started by its schedule, not by hand"
+        while time.monotonic() < deadline and not client.read_flow_run(first.id).state.is_final():
+            time.sleep(5)
+        state = client.read_flow_run(first.id).state
+        assert state.is_completed(), state
+    (pipeline,) = [r for r in _pipelines("ufo-micro") if r.data.tags.get("prefect.flow_run_id") == str(first.id)]
     assert pipeline.info.status == "FINISHED" and pipeline.data.tags["ufo.launcher"] == "deployment"
