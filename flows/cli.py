@@ -168,6 +168,9 @@ def cmd_run(args) -> int:
             print(f"{name:>4}: Succ@1 {m[f'eval/{name}/succ_at_1']:.3f}  Succ@{T} {m[f'eval/{name}/succ_at_{T}']:.3f}  "
                   f"Pass@{T} {m[f'eval/{name}/pass_at_{T}']:.3f}  invalid {m[f'eval/{name}/invalid_rate']:.3f}  "
                   f"E/T {m[f'eval/{name}/effective_answer_ratio']:.3f}")
+    if reg := summary.get("registry"):
+        print(f"registry: {reg['ufo.registry.model']} version {reg['ufo.registry.version']} "
+              f"{reg['ufo.gate.decision']}. {reg['ufo.gate.reason']}")
     print("Inspect the runs:\n  " + "\n  ".join(ui_commands()))
     return 0
 

@@ -8,6 +8,7 @@ in well under a second.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -45,6 +46,34 @@ class StageSettings(StrictModel):
     """CPUs, memory, shared memory, GPUs, node selector, tolerations (docker and deployment launchers)."""
 
 
+#: Metrics the registry gate may compare on: higher is better for each (not avg_turns, not invalid_rate).
+GATE_METRICS = re.compile(r"(succ_at_\d+|pass_at_\d+|succ_auc|greedy_accuracy|effective_answer_ratio|"
+                          r"self_correction_at_\d+)")
+
+
+class RegistryConfig(StrictModel):
+    """The registry gate after evaluate (flows/registry.py): the RL model becomes a version of a registered
+    model with alias `candidate`, and takes alias `champion` only if it beats the current champion."""
+
+    enabled: bool = True
+    """Register and gate the RL model. Costs: registering takes well under a second; while a champion
+    exists (and is not this very model) evaluate evaluates it beside SFT and RL, one model's evaluation
+    more (~1/2 of evaluate's time with two models). Needs a database-backed MLflow store (the default
+    SQLite one, or a tracking server), not a file store."""
+    model_name: str | None = Field(None, min_length=1, max_length=256)
+    """Registered model name; None = `<experiment>-rl`."""
+    metric: str | None = None
+    """Headline metric of the gate, as named in evaluate's metrics (higher is better): `succ_at_<k>`,
+    `pass_at_<k>`, `succ_auc`, `greedy_accuracy`, `effective_answer_ratio`, `self_correction_at_<k>`.
+    None = `succ_at_<T>` with T = evaluate.max_turns."""
+    eval_set: str = "test"
+    """The evaluation set the gate compares on: `test` (the held-out split) or the name of an `eval/<name>`
+    set of the curate output. Must be among `evaluate.sets` when those are given."""
+
+    def name_for(self, experiment: str) -> str:
+        return self.model_name or f"{experiment}-rl"
+
+
 class FlowConfig(StrictModel):
     launcher: Literal["local", "docker", "deployment"] = "local"
     """How each stage runs. `local`: a process on this machine (the default; needs no Docker).
@@ -67,6 +96,8 @@ class FlowConfig(StrictModel):
     sft: StageSettings = StageSettings()
     rl: StageSettings = StageSettings()
     evaluate: StageSettings = StageSettings()
+    registry: RegistryConfig = RegistryConfig()
+    """The registry gate: register the RL model, promote it to `champion` only when it beats the current one."""
 
     def stage(self, name: str) -> StageSettings:
         return getattr(self, name)
@@ -144,4 +175,31 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"sft.max_wrong_attempts: {self.sft.max_wrong_attempts} must be < the longest episode, "
                              f"max(rl.max_turns, evaluate.max_turns) = {longest}: SFT would teach longer "
                              "conversations than any episode has")
+        self._check_registry()
         return self
+
+    def _check_registry(self) -> None:
+        reg, ev = self.flow.registry, self.evaluate
+        if not reg.enabled:
+            return
+        if reg.metric is not None and not GATE_METRICS.fullmatch(reg.metric):
+            raise ValueError(f"flow.registry.metric: {reg.metric!r} is not a higher-is-better metric of evaluate "
+                             f"(one of {GATE_METRICS.pattern})")
+        k = re.search(r"_(\d+)$", self.gate_metric)
+        first = 2 if self.gate_metric.startswith("self_correction") else 1  # turn 1 follows no wrong answer
+        if k and not first <= int(k.group(1)) <= ev.max_turns:
+            raise ValueError(f"flow.registry.metric: {self.gate_metric} needs k in {first}..evaluate.max_turns "
+                             f"= {ev.max_turns}")
+        if ev.sets is not None and reg.eval_set not in ev.sets:
+            raise ValueError(f"flow.registry.eval_set: {reg.eval_set!r} is not evaluated (evaluate.sets = {ev.sets})")
+        if "feedback" not in ev.inference:
+            raise ValueError("flow.registry: the gate compares models evaluated with feedback; add `feedback` to "
+                             "evaluate.inference (or set flow.registry.enabled: false)")
+        if "champion" in ev.models:
+            raise ValueError("evaluate.models.champion: the name is taken by the registry gate, which evaluates the "
+                             "current champion under it (rename the model, or set flow.registry.enabled: false)")
+
+    @property
+    def gate_metric(self) -> str:
+        """The registry gate's metric, resolved: `flow.registry.metric`, else Succ@T."""
+        return self.flow.registry.metric or f"succ_at_{self.evaluate.max_turns}"

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,6 +24,7 @@ from prefect.runtime import flow_run, task_run
 from flows.cache import cache_key, code_digest
 from flows.config import STAGES, UPSTREAM, FlowConfig, PipelineConfig
 from flows.launchers import StageJob, make_launcher
+from flows.registry import CHAMPION_MODEL, Decision, champion_to_evaluate, gate
 from flows.runs import close_run, create_stage_run, find_cached, read_stage_output, record_cache_hit
 from stages.common.config import dump_yaml
 from stages.common.contracts import OUTPUT_TYPES, StageOutput
@@ -45,8 +46,9 @@ def _interrupted(err: BaseException) -> bool:
 
 #: What the pipeline run shows (the evaluate run has everything): per model and evaluation set, the
 #: paper's metrics with their 95% interval ends.
-HEADLINE = re.compile(r"^eval/(?:[^/]+/)?(sft|rl)/(succ_at_\d+|pass_at_\d+|avg_turns|effective_answer_ratio|"
-                      r"invalid_rate|greedy_accuracy|repeat_share)(_lo|_hi)?$")
+#: With the registry gate on, also the current champion's and the paired difference champion - rl.
+HEADLINE = re.compile(r"^eval/(?:[^/]+/)?(sft|rl|champion|champion_vs_rl)/(succ_at_\d+|pass_at_\d+|avg_turns|"
+                      r"effective_answer_ratio|invalid_rate|greedy_accuracy|repeat_share)(_lo|_hi)?$")
 
 
 def headline_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -114,6 +116,16 @@ def run_stage(stage: str, stage_config: dict[str, Any], parent_run_id: str, expe
     raise StageFailed(f"stage {stage} {result.failure}; last output:\n  {last}")
 
 
+@task(cache_policy=NO_CACHE, task_run_name="registry-gate")
+def registry_gate(cfg: PipelineConfig, rl: StageOutput, evaluation: StageOutput,
+                  champion_evaluated: str | None) -> Decision:
+    """Register the RL model as `candidate`; make it `champion` if it beats the current one (flows/registry.py)."""
+    decision = gate(MlflowClient(), cfg, rl, evaluation.metrics, champion_evaluated)
+    get_run_logger().info("registry: %s version %s %s. %s", decision.name, decision.version, decision.status,
+                          decision.reason)
+    return decision
+
+
 @flow(name="ufo-pipeline", log_prints=True)
 def ufo_pipeline(config: dict[str, Any], reuse: dict[str, dict[str, Any]] | None = None,
                  force: bool = False) -> dict[str, Any]:
@@ -140,8 +152,13 @@ def ufo_pipeline(config: dict[str, Any], reuse: dict[str, dict[str, Any]] | None
     try:
         client.log_text(pid, dump_yaml(cfg), "config/pipeline.yaml")
         outputs: dict[str, StageOutput] = {}
+        champion: dict[str, str] = {}
         for name in STAGES:
             stage_cfg = getattr(cfg, name).model_copy(update={f: outputs[src] for f, src in UPSTREAM[name].items()})
+            if name == "evaluate" and cfg.flow.registry.enabled and name not in reuse:
+                # The current champion is evaluated beside RL on the same problems: the gate needs the pair.
+                champion = champion_to_evaluate(client, cfg, outputs["rl"])
+                stage_cfg.models = {**stage_cfg.models, **champion}
             if name in reuse:
                 out = OUTPUT_TYPES[name].model_validate(reuse[name])
                 logger.info("%s: reusing run %s", name, out.run_id)
@@ -158,9 +175,15 @@ def ufo_pipeline(config: dict[str, Any], reuse: dict[str, dict[str, Any]] | None
         metrics = headline_metrics(outputs["evaluate"].metrics)
         now = int(time.time() * 1000)
         client.log_batch(pid, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
-        client.set_tag(pid, "mlflow.note.content", describe_pipeline(cfg, outputs, metrics))
+        description = describe_pipeline(cfg, outputs, metrics)
         summary = {"pipeline_run_id": pid, "experiment": cfg.experiment, "tracking_uri": tracking_uri(),
                    "stages": {n: o.run_id for n, o in outputs.items()}, "metrics": metrics}
+        if cfg.flow.registry.enabled:
+            decision = registry_gate(cfg, outputs["rl"], outputs["evaluate"], champion.get(CHAMPION_MODEL))
+            client.log_batch(pid, tags=[RunTag(k, v) for k, v in decision.tags().items()])
+            description += "\n\n" + decision.markdown()
+            summary["registry"] = decision.tags()
+        client.set_tag(pid, "mlflow.note.content", description)
         write_json_atomic(workdir / "summary.json", summary)
     except BaseException as err:
         status = "KILLED" if _interrupted(err) else "FAILED"

@@ -70,7 +70,7 @@ def test_tiny_zero2_two_ranks_match_the_single_process_run(curated, tmp_path):
     single = sft.run(_sft_section("tiny.yaml", **short))
     ranks = sft.run(zero2)
     _compare(single, ranks, steps=20, log_every=2)
-    assert set(ranks.artifacts) == {"model"} and ranks.metrics["sft/steps"] == 20
+    assert set(ranks.artifacts) == {"model", "mlflow_model"} and ranks.metrics["sft/steps"] == 20
     a = load_file(fetch_verified(single.artifact("model"), tmp_path / "a") / "model.safetensors")
     b = load_file(fetch_verified(ranks.artifact("model"), tmp_path / "b") / "model.safetensors")
     for k in a:

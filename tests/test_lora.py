@@ -71,7 +71,7 @@ def test_sft_stage_with_lora_logs_a_merged_model_and_the_adapter(module_workspac
                      batch_size=8, lr=1e-2, warmup_steps=0,
                      model=ModelConfig(init="pretrained", name_or_path=str(base_folder)))
     out = sft.run(cfg)
-    assert set(out.artifacts) == {"model", "adapter"}
+    assert set(out.artifacts) == {"model", "adapter", "mlflow_model"}
     merged = fetch_verified(out.artifact("model"), tmp_path / "m")
     adapter = fetch_verified(out.artifact("adapter"), tmp_path / "a")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}

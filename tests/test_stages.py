@@ -31,7 +31,7 @@ def curated(module_workspace) -> curate.Output:
 @pytest.fixture(scope="module")
 def sft_out(curated) -> sft.Output:
     cfg = sft.Config(experiment="stages", data=curated, model=SMALL_MODEL, max_steps=6, eval_every=3,
-                     val_problems=16, batch_size=16)
+                     val_problems=16, batch_size=16, log_every=2)
     return sft.run(cfg)
 
 
@@ -52,7 +52,7 @@ def _metric_history(run_id, key):
 
 
 def test_sft_trains_and_logs_a_verifiable_model(sft_out, tmp_path):
-    assert sft_out.run_id and set(sft_out.artifacts) == {"model"}
+    assert sft_out.run_id and set(sft_out.artifacts) == {"model", "mlflow_model"}
     folder = fetch_verified(sft_out.artifact("model"), tmp_path)
     assert {"model.safetensors", "tokenizer.json", "config.json"} <= {p.name for p in folder.iterdir()}
     assert sft_out.metrics["sft/steps"] == 6
@@ -98,6 +98,37 @@ def test_evaluate_logs_every_metric_curve_and_table(curated, sft_out, rl_out, tm
     assert fetch_verified(out.artifact("report_html"), tmp_path / "html").read_text().startswith("<!doctype html>")
     png = fetch_verified(out.artifact("curves"), tmp_path / "png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _inputs(out.run_id) == {"test": (curated.artifact("test").sha256[:32], "evaluation")}
+
+
+def _inputs(run_id: str) -> dict[str, tuple[str, str]]:
+    """The run's MLflow dataset inputs: name -> (digest, context)."""
+    inputs = mlflow.MlflowClient().get_run(run_id).inputs.dataset_inputs
+    return {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+            for d in inputs}
+
+
+def test_consuming_runs_show_their_datasets_models_and_telemetry(curated, sft_out, rl_out, tmp_path):
+    """What the MLflow UI shows a practitioner: the curated splits each run read (the same digests curate
+    logged), SFT and RL as logged MLflow models of their runs, and TRL-style telemetry per step."""
+    digest = {s: curated.artifact(s).sha256[:32] for s in ("train", "val", "test")}
+    assert _inputs(sft_out.run_id) == {"train": (digest["train"], "training"), "val": (digest["val"], "validation")}
+    assert _inputs(rl_out.run_id) == {"train": (digest["train"], "training")}
+    for out, name in ((sft_out, "sft"), (rl_out, "rl")):
+        model_id = out.artifact("mlflow_model").uri.removeprefix("models:/")
+        logged = mlflow.get_logged_model(model_id)
+        assert (logged.name, logged.source_run_id) == (name, out.run_id)
+        folder = fetch_verified(out.artifact("mlflow_model"), tmp_path / name)  # the digest of what was uploaded
+        assert "transformers" in (folder / "MLmodel").read_text()
+    for key in ("train/lr", "loss/grad_norm", "perf/tokens_per_second", "train/num_tokens"):
+        assert len(_metric_history(sft_out.run_id, key)) == 3, key  # steps 2, 4, 6
+    history = sorted(mlflow.MlflowClient().get_metric_history(sft_out.run_id, "train/num_tokens"), key=lambda m: m.step)
+    tokens = [m.value for m in history]
+    assert tokens[0] > 0 and all(a < b for a, b in zip(tokens, tokens[1:], strict=False))  # counted, growing
+    for key in ("train/lr", "loss/grad_norm", "perf/tokens_per_second", "perf/generated_tokens_per_second"):
+        assert len(_metric_history(rl_out.run_id, key)) == 2, key
+    assert _metric_history(rl_out.run_id, "train/lr") == [1e-2, 1e-2]
+    assert all(v > 0 for v in _metric_history(rl_out.run_id, "perf/tokens_per_second"))
 
 
 def test_stage_refuses_an_artifact_whose_digest_does_not_match(curated, tmp_path):

@@ -200,3 +200,107 @@ def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
+
+
+# --- datasets and models as MLflow sees them ---------------------------------------------------------
+
+#: The Output artifact naming a stage's MLflow model (`models:/<model_id>`), beside its plain `model` folder.
+MLFLOW_MODEL_ARTIFACT = "mlflow_model"
+#: What an MLflow model needs to be loaded back (`mlflow.transformers.load_model`). Given explicitly:
+#: MLflow otherwise infers them by loading the model in a subprocess (seconds, and it pulls in
+#: torchvision for the pipeline); torch is pinned to the build this project runs on.
+MODEL_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.0,<6", "tokenizers>=0.21", "safetensors>=0.4"]
+
+
+def _run_artifact_source(uri: str):
+    """An MLflow dataset source naming a run artifact by its `runs:/` URI, the address every stage uses
+    (MLflow registers no source type for `runs:/` or `mlflow-artifacts:/` URIs)."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class RunArtifactSource(DatasetSource):
+        def __init__(self, uri: str):
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "mlflow_run_artifact"
+
+        def load(self, dst_path: str | None = None) -> str:
+            return mlflow.artifacts.download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return isinstance(raw_source, str) and raw_source.startswith("runs:/")
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> RunArtifactSource:
+            return cls(raw_source)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> RunArtifactSource:
+            return cls(source_dict["uri"])
+
+    return RunArtifactSource(uri)
+
+
+def log_dataset(name: str, ref: ArtifactRef, path: str | Path, context: str) -> None:
+    """Record the parquet split at `path` (logged as `ref`) as an input dataset of the active run.
+
+    `mlflow.log_input` with OUR digest: MLflow's own hashes only the first 10,000 rows. Its digest field
+    holds 36 characters, so it gets the first 32 hex digits of the file's sha256 (the whole content); the
+    full sha256 and the row count go in the input's tags. The same (name, digest) is one dataset in
+    MLflow: the curate run that wrote a split and every run that read it show the same entry.
+
+    Args:
+        name: the curate Output's artifact name (`train`, `val`, `test`, `eval/<set>`).
+        context: `training`, `validation`, `testing` or `evaluation` (how the run used it).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    meta = pq.read_metadata(path)  # the footer only: schema and row count without reading the rows
+    types = {pa.string(): DataType.string, pa.large_string(): DataType.string, pa.int64(): DataType.long}
+    schema = Schema([ColSpec(types.get(f.type, DataType.string), f.name) for f in meta.schema.to_arrow_schema()])
+    dataset = MetaDataset(_run_artifact_source(ref.uri), name=name, digest=ref.sha256[:32], schema=schema)
+    mlflow.log_input(dataset, context=context, tags={"ufo.sha256": ref.sha256, "ufo.rows": str(meta.num_rows)})
+
+
+def fetch_dataset(ref: ArtifactRef, dst: str | Path, *, name: str, context: str) -> Path:
+    """`fetch_verified` for a curated split a stage consumes, recorded as an input of its run
+    (`log_dataset`): the run's page in the MLflow UI then names the data it was trained or evaluated on."""
+    path = fetch_verified(ref, dst)
+    log_dataset(name, ref, path, context)
+    return path
+
+
+def log_model(checkpoint: str | Path, name: str, *, description: str) -> ArtifactRef:
+    """Log a `save_pretrained` folder as an MLflow model (transformers flavour, text-generation) of the
+    active run; return `models:/<model_id>` with the digest of what was uploaded.
+
+    The model appears in the run's and the experiment's Models tab (with the run's params and step-0
+    metrics), loads with `mlflow.transformers.load_model`, and is what the registry registers. The
+    weights are loaded on CPU and saved once more by MLflow (`model/` + `components/tokenizer/` in its
+    layout): a second copy of the checkpoint's bytes in the artifact store, downloaded once more to
+    digest it (a local copy with the default store).
+
+    `description` becomes the model card. Giving one also keeps MLflow from asking the Hugging Face Hub
+    for the card of the base model's name; its licence lookup is refused offline (HF_HUB_OFFLINE=1).
+    """
+    import mlflow.transformers
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name=name, task="text-generation",
+                                         model_card=ModelCard(description), pip_requirements=MODEL_REQUIREMENTS)
+    # The digest of what the store holds, read back: MLflow writes files (MLmodel's model id, environment
+    # files) after the flavour saved, so a digest of the local folder would never verify.
+    with tempfile.TemporaryDirectory(prefix="ufo-model-") as tmp:
+        stored = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp)
+        return ArtifactRef(uri=info.model_uri, sha256=sha256_path(stored))

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from stages.common.config import ConfigError
 from stages.common.contracts import COLUMNS, EVAL_SET_PREFIX, OPTIONAL_COLUMNS, SPLITS, ArtifactRef
-from stages.common.tracking import StageContext, log_artifact
+from stages.common.tracking import StageContext, log_artifact, log_dataset
 from stages.curate import schemas
 from stages.curate.config import Config, MultiplicationSource, Output
 from stages.curate.readers import EvalIndex, SourceRead, multiplication_rows, read_source
@@ -228,57 +228,6 @@ def _output_columns(table: pa.Table, kept: np.ndarray) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# MLflow dataset inputs
-
-
-def _run_artifact_source(uri: str):
-    """An MLflow dataset source naming a run artifact by its `runs:/` URI, the address every stage uses
-    (MLflow registers no source type for `runs:/` or `mlflow-artifacts:/` URIs)."""
-    from mlflow.data.dataset_source import DatasetSource
-
-    class RunArtifactSource(DatasetSource):
-        def __init__(self, uri: str):
-            self.uri = uri
-
-        @staticmethod
-        def _get_source_type() -> str:
-            return "mlflow_run_artifact"
-
-        def load(self, dst_path: str | None = None) -> str:
-            return mlflow.artifacts.download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
-
-        @staticmethod
-        def _can_resolve(raw_source: Any) -> bool:
-            return isinstance(raw_source, str) and raw_source.startswith("runs:/")
-
-        @classmethod
-        def _resolve(cls, raw_source: Any) -> RunArtifactSource:
-            return cls(raw_source)
-
-        def to_dict(self) -> dict[str, Any]:
-            return {"uri": self.uri}
-
-        @classmethod
-        def from_dict(cls, source_dict: dict[Any, Any]) -> RunArtifactSource:
-            return cls(source_dict["uri"])
-
-    return RunArtifactSource(uri)
-
-
-def log_input(name: str, ref: ArtifactRef, schema: pa.Schema, rows: int, context: str) -> None:
-    """`mlflow.log_input` with OUR digest: MLflow's own hashes only the first 10,000 rows. Its digest
-    field holds 36 characters, so it gets the first 32 hex digits of the file's sha256 (the whole
-    content); the full sha256 and the row count go in the input's tags."""
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.types import ColSpec, DataType, Schema
-
-    types = {pa.string(): DataType.string, pa.large_string(): DataType.string, pa.int64(): DataType.long}
-    mlflow_schema = Schema([ColSpec(types.get(f.type, DataType.string), f.name) for f in schema])
-    dataset = MetaDataset(_run_artifact_source(ref.uri), name=name, digest=ref.sha256[:32], schema=mlflow_schema)
-    mlflow.log_input(dataset, context=context, tags={"ufo.sha256": ref.sha256, "ufo.rows": str(rows)})
-
-
-# ---------------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -433,13 +382,13 @@ def curate(config: Config, ctx: StageContext) -> Output:
         path = out / f"{s}.parquet"
         schema = pq.read_schema(path)
         artifacts[s] = log_artifact(path, "data")
-        log_input(s, artifacts[s], schema, split_rows[s], SPLIT_CONTEXT[s])
+        log_dataset(s, artifacts[s], path, SPLIT_CONTEXT[s])
         manifest["splits"][s] = {"rows": split_rows[s], "sha256": artifacts[s].sha256, "columns": schema.names,
                                  "by_source": _counts(train_sources[kept & (split_col == s)])}
     for name, (path, rows) in eval_files.items():
         schema = pq.read_schema(path)
         ref = artifacts[EVAL_SET_PREFIX + name] = log_artifact(path, "data/eval")
-        log_input(EVAL_SET_PREFIX + name, ref, schema, rows, "evaluation")
+        log_dataset(EVAL_SET_PREFIX + name, ref, path, "evaluation")
         manifest["eval_sets"][name] = {"artifact": EVAL_SET_PREFIX + name, "rows": rows, "sha256": ref.sha256,
                                        "columns": schema.names, "origin": report[name]["origin"]}
     for name, table in tables.items():

@@ -19,12 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from stages.common import report as rep
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
-from stages.common.contracts import ArtifactRef, Problem, load_split, problems_from
+from stages.common.contracts import EVAL_SET_PREFIX, ArtifactRef, Problem, load_split, problems_from
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import EpisodeOutcomes, greedy_terms, multi_turn_terms, pass_at_k_terms
 from stages.common.model import resolve_device, seed_everything
 from stages.common.runtime import set_cpu_threads
-from stages.common.tracking import StageContext, fetch_verified, log_artifact, sha256_path
+from stages.common.tracking import StageContext, fetch_dataset, fetch_verified, log_artifact, sha256_path
 from stages.evaluate.config import Config, Output
 
 log = logging.getLogger("ufo.evaluate")
@@ -196,8 +196,9 @@ def eval_sets(config: Config, ctx: StageContext) -> dict[str, list[Problem]]:
     unknown = [s for s in names if s not in available]
     if unknown:
         raise ConfigError(f"evaluate.sets: {unknown} not in the curate output; it has {sorted(available)}")
-    return {s: problems_from(load_split(fetch_verified(available[s], ctx.workdir / "sets" / s)))[: config.max_problems]
-            for s in names}
+    return {s: problems_from(load_split(fetch_dataset(available[s], ctx.workdir / "sets" / s, context="evaluation",
+                                                      name=s if s == "test" else EVAL_SET_PREFIX + s)))
+            [: config.max_problems] for s in names}
 
 
 def evaluate(config: Config, ctx: StageContext) -> Output:

@@ -21,7 +21,14 @@ from stages.common.metrics import episode_metrics
 from stages.common.model import resolve_device, save_pretrained, seed_everything
 from stages.common.rollout_engines import RolloutEngine, make_engine
 from stages.common.runtime import set_cpu_threads
-from stages.common.tracking import StageContext, fetch_verified, log_artifact
+from stages.common.tracking import (
+    MLFLOW_MODEL_ARTIFACT,
+    StageContext,
+    fetch_dataset,
+    fetch_verified,
+    log_artifact,
+    log_model,
+)
 from stages.rl import checkpoint
 from stages.rl.batch import Batch, collate, forward_slots, micro_batches, padding_share, step_problems
 from stages.rl.config import Config, Output
@@ -57,7 +64,8 @@ def train(config: Config, ctx: StageContext) -> Output:
     set_cpu_threads()
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    problems = problems_from(load_split(fetch_verified(config.data.artifact("train"), ctx.workdir / "in")))
+    problems = problems_from(load_split(fetch_dataset(config.data.artifact("train"), ctx.workdir / "in", name="train",
+                                                      context="training")))
     model_dir = fetch_verified(config.sft.artifact("model"), ctx.workdir / "in")
     models = build_models(config, model_dir, device)
     fmt = ChatFormat(models.tokenizer, config.feedback)
@@ -130,7 +138,8 @@ def train_step(config: Config, step: int, models: Models, engine: RolloutEngine,
     with timer("update"):
         update_stats = update(models, batch, config, device)
         engine.sync_weights(models.policy)
-    return update_stats | adv_stats | step_metrics(episodes, all_returns, batch, chunks, config) | timer.metrics()
+    return update_stats | adv_stats | step_metrics(episodes, all_returns, batch, chunks, config) | timer.metrics() \
+        | telemetry(models, episodes, timer)
 
 
 # --- the phases ----------------------------------------------------------------------------------
@@ -293,6 +302,20 @@ def step_metrics(episodes: list[Episode], all_returns: torch.Tensor, batch: Batc
     return metrics
 
 
+def telemetry(models: Models, episodes: list[Episode], timer: PhaseTimer) -> dict[str, float]:
+    """What a TRL user reads beside the losses and grad norm: the learning rate and token throughput.
+
+    `perf/tokens_per_second`: every token of the step's episodes (question, feedback and answers, filtered
+    episodes included: the rollout paid for them) per second of the whole step; `perf/generated_tokens_
+    per_second`: the answers' tokens per second of the rollout phase.
+    """
+    tokens = sum(len(e.token_ids()) for e in episodes)
+    generated = sum(len(t.answer_ids) for e in episodes for t in e.turns)
+    return {"train/lr": models.policy_optimizer.param_groups[0]["lr"],
+            "perf/tokens_per_second": tokens / max(time.time() - timer.start, 1e-9),
+            "perf/generated_tokens_per_second": generated / max(timer.seconds["rollout"], 1e-9)}
+
+
 class PhaseTimer:
     """Wall time per phase of a step, logged as perf/<phase>_seconds (and perf/step_seconds)."""
 
@@ -346,7 +369,11 @@ def _finish(config: Config, models: Models, history: list[dict[str, float]], fir
     }
     mlflow.log_metrics(summary)
     model_ref = log_artifact(save_pretrained(models.policy, models.tokenizer, ctx.workdir / "model"), "model")
-    return Output(run_id=ctx.run_id, artifacts={"model": model_ref}, metrics=summary)
+    card = (f"UFO multi-turn RL with unary feedback (stages/rl), MLflow run {ctx.run_id}: {config.algorithm}, "
+            f"{config.steps} steps, T = {config.max_turns}, gamma = {config.gamma}, "
+            f"lambda = {config.repetition_penalty}, feedback {config.feedback!r}.")
+    artifacts = {"model": model_ref, MLFLOW_MODEL_ARTIFACT: log_model(ctx.workdir / "model", name="rl", description=card)}
+    return Output(run_id=ctx.run_id, artifacts=artifacts, metrics=summary)
 
 
 def _check_lengths(cfg: Config, fmt: ChatFormat, problems, model) -> None:

@@ -29,7 +29,14 @@ from stages.common.episodes import rollout
 from stages.common.grading import equivalent
 from stages.common.model import build_model, resolve_device, seed_everything
 from stages.common.runtime import set_cpu_threads
-from stages.common.tracking import StageContext, fetch_verified, log_artifact, write_json_atomic
+from stages.common.tracking import (
+    MLFLOW_MODEL_ARTIFACT,
+    StageContext,
+    fetch_dataset,
+    log_artifact,
+    log_model,
+    write_json_atomic,
+)
 from stages.sft.config import Config, Output
 
 log = logging.getLogger("ufo.sft")
@@ -212,10 +219,11 @@ def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: P
     rng = random.Random(config.seed)
     val_subset = rng.sample(val_problems, min(config.val_problems, len(val_problems)))
     engine.module.train()
-    val_acc, step, t0 = 0.0, 0, time.time()
+    val_acc, step, t0, tokens = 0.0, 0, time.time(), 0
     for step in range(1, config.max_steps + 1):
         examples = make_examples(fmt, train_problems, config, rng)  # the same global batch on every rank
         targets = num_targets(examples)
+        tokens += sum(len(ids) for ids, _, _ in examples)  # the whole step's, all ranks (no padding)
         share = 0.0
         for forwards in micro_batches(examples[engine.rank::engine.world_size], config, fmt.pad_id, pack_length,
                                       device):
@@ -227,7 +235,8 @@ def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: P
             loss_value = _all_ranks_sum(share, engine)
             if main:
                 log_metrics({"loss/sft": loss_value, "loss/grad_norm": grad_norm, "train/lr": engine.lr(),
-                             "perf/steps_per_second": step / (time.time() - t0)}, step)
+                             "perf/steps_per_second": step / (time.time() - t0), "train/num_tokens": tokens,
+                             "perf/tokens_per_second": tokens / (time.time() - t0)}, step)
         if step % config.eval_every == 0 or step == config.max_steps:
             val_acc = _from_rank0(sampled_accuracy(engine.hf_model, fmt, val_subset, config.max_new_tokens,
                                                    seed=config.seed * 100_003 + step), engine)
@@ -257,8 +266,8 @@ def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: P
 def train(config: Config, ctx: StageContext) -> Output:
     if config.data is None:
         raise ConfigError("sft.data: the curate stage's Output is required (the flow sets it)")
-    train_path = fetch_verified(config.data.artifact("train"), ctx.workdir / "in")
-    val_path = fetch_verified(config.data.artifact("val"), ctx.workdir / "in")
+    train_path = fetch_dataset(config.data.artifact("train"), ctx.workdir / "in", name="train", context="training")
+    val_path = fetch_dataset(config.data.artifact("val"), ctx.workdir / "in", name="val", context="validation")
     if config.engine.kind == "torch":
         metrics = fit(config, load_split(train_path), load_split(val_path), ctx.workdir,
                       lambda m, step: mlflow.log_metrics(m, step=step))
@@ -266,6 +275,9 @@ def train(config: Config, ctx: StageContext) -> Output:
         metrics = _train_on_ranks(config, ctx, train_path, val_path)
     mlflow.log_metrics(metrics)
     artifacts = {"model": log_artifact(ctx.workdir / "model", "model")}
+    card = (f"UFO SFT warm start (stages/sft), MLflow run {ctx.run_id}: {config.max_steps} steps on the curated "
+            f"`train` split, up to {config.max_wrong_attempts} wrong attempts with feedback before the answer.")
+    artifacts[MLFLOW_MODEL_ARTIFACT] = log_model(ctx.workdir / "model", name="sft", description=card)
     if (ctx.workdir / "adapter").is_dir():
         artifacts["adapter"] = log_artifact(ctx.workdir / "adapter", "adapter")
     return Output(run_id=ctx.run_id, artifacts=artifacts, metrics=metrics)
