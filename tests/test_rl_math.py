@@ -328,12 +328,15 @@ def test_ppo_loss_is_policy_objective_plus_weighted_value_loss():
     token_adv = adv[:, None].expand(2, 3)  # the GRPO example's advantages, now per token
     values = torch.zeros(2, 3, requires_grad=True)
     returns = t([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]])
-    loss, stats = ppo_loss(lp, old, ref, token_adv, values, values.detach(), returns, mask, clip_low=CLIP_LOW,
-                           clip_high=CLIP_HIGH, kl_coef=KL_COEF, value_clip=0.5, value_loss_coef=0.5)
+    actor, critic, stats = ppo_loss(lp, old, ref, token_adv, values, values.detach(), returns, mask,
+                                    clip_low=CLIP_LOW, clip_high=CLIP_HIGH, kl_coef=KL_COEF, value_clip=0.5,
+                                    value_loss_coef=0.5)
     # actor part: -0.3075 (test_grpo_loss_is_masked_token_mean_of_pg_plus_kl)
     # value part: V = V_old = 0 (no clipping); masked squared errors 1, 4 | 1, 9 -> 0.5 * 15/4 = 1.875
     # total = -0.3075 + 0.5 * 1.875 = 0.63
-    assert loss.item() == pytest.approx(0.63, abs=1e-6)
+    assert actor.item() == pytest.approx(-0.3075, abs=1e-6)
+    assert critic.item() == pytest.approx(0.5 * 1.875)
+    assert stats["loss/total"].item() == pytest.approx(0.63, abs=1e-6)
     assert stats["loss/value"].item() == pytest.approx(1.875)
     assert stats["loss/policy"].item() == pytest.approx(-0.32, abs=1e-6)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from stages.common.model import save_pretrained
@@ -58,6 +59,21 @@ class TrainEngine(Protocol):
     def export(self, tokenizer, path: str | Path) -> Path | None: ...
 
     def export_adapter(self, path: str | Path) -> Path | None: ...
+
+    def expect_backwards(self, count: int) -> None:
+        """Announce how many `backward` calls the next `step` closes (when it varies from step to step)."""
+        ...
+
+    def full_state(self) -> dict[str, torch.Tensor] | None: ...
+
+    def save_state(self, folder: str | Path) -> None: ...
+
+    def load_state(self, folder: str | Path) -> None: ...
+
+    @property
+    def lockstep_forwards(self) -> bool:
+        """True when every rank must run the same forward calls (ZeRO-3 gathers weights in each one)."""
+        ...
 
 
 def wrap_lora(model: nn.Module, spec: EngineConfig) -> nn.Module:
@@ -139,6 +155,29 @@ class TorchEngine:
         self.module.save_pretrained(str(path))
         return Path(path)
 
+    def expect_backwards(self, count: int) -> None:
+        pass  # plain autograd accumulates any number of backward calls
+
+    lockstep_forwards = False
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def save_state(self, folder: str | Path) -> None:
+        """Weights (safetensors), AdamW state and the lr schedule's position: what an exact resume needs."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.module, str(folder / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
+
+    def load_state(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        load_model(self.module, str(folder / "model.safetensors"))
+        state = torch.load(folder / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
 
 def deepspeed_config(spec: EngineConfig, *, grad_clip: float, micro_steps: int, bf16: bool) -> dict:
     """The DeepSpeed JSON config for `spec`. Batching is ours (micro-batches of whole examples or packed
@@ -187,6 +226,9 @@ class DeepSpeedEngine:
         self.zero_stage = spec.deepspeed.zero_stage
 
     def backward(self, loss: torch.Tensor) -> None:
+        # The boundary is set explicitly, so the count of backward calls may change from step to step
+        # (`expect_backwards`); DeepSpeed's own counter assumes a fixed gradient_accumulation_steps.
+        self.ds.set_gradient_accumulation_boundary(self.backwards + 1 == self.micro_steps)
         # DeepSpeed averages gradients over ranks; our loss is already this rank's share of the global
         # mean, so scale it back up by the world size, and do not let it divide by the micro-steps again.
         self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -204,7 +246,29 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def _full_state(self) -> dict[str, torch.Tensor] | None:
+    def expect_backwards(self, count: int) -> None:
+        """Every rank must make the same number of backward calls per step: ZeRO-2/3 reduce gradients
+        over the ranks in each one."""
+        if self.backwards:
+            raise RuntimeError("engine.expect_backwards: called in the middle of a step")
+        self.micro_steps = count
+
+    @property
+    def lockstep_forwards(self) -> bool:
+        return self.zero_stage == 3 and self.world_size > 1
+
+    def save_state(self, folder: str | Path) -> None:
+        """DeepSpeed's own checkpoint (weights, each rank's ZeRO partition of the optimizer state, the lr
+        schedule) under `folder`; a collective: every rank calls it, with the same (shared) folder."""
+        self.ds.save_checkpoint(str(folder), tag="state", client_state={})
+
+    def load_state(self, folder: str | Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(folder), tag="state", load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint under {folder}")
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
         """The full state dict on rank 0 (None elsewhere); a collective under ZeRO-3: every rank calls it."""
         if self.zero_stage == 3:
             state = self.ds._zero3_consolidated_16bit_state_dict()
@@ -212,13 +276,13 @@ class DeepSpeedEngine:
         return self.ds.module.state_dict() if self.rank == 0 else None
 
     def export(self, tokenizer, path: str | Path) -> Path | None:
-        state = self._full_state()
+        state = self.full_state()
         if state is None:
             return None
         return save_pretrained(_plain_model(self.ds.module, state), tokenizer, path)
 
     def export_adapter(self, path: str | Path) -> Path | None:
-        state = self._full_state()
+        state = self.full_state()
         if state is None:
             return None
         self.ds.module.save_pretrained(str(path), state_dict=state)  # peft keeps the adapter entries

@@ -6,8 +6,9 @@ no top-k, top-p or repetition penalty). The trainer then trains on exactly those
 decode -> encode round trip, and can compare the engine's log-probs with its own.
 
 - `hf`: `model.generate` on the training model itself (CPU or GPU); nothing to synchronise.
-- `vllm`: a vLLM engine next to the trainer (GPU). Weights are pushed into it after every update
-  (for a peft/LoRA policy only the adapter is pushed, as a LoRA request), and prefix caching is on
+- `vllm`: a vLLM engine next to the trainer (GPU). Weights are pushed into it after every update, read
+  from the training engine (`stages.common.engine`: `full_state`, or `export_adapter` for a peft/LoRA
+  policy, whose adapter alone is pushed, as a LoRA request on the SFT base), and prefix caching is on
   so later turns of an episode reuse the KV of the earlier ones. vLLM is not installed on any machine
   this project has: that code path has never run (see `VLLMEngine`). The RL config refuses
   `rollout_engine: vllm` at load time when vLLM is not importable, so it never falls back silently.
@@ -15,13 +16,17 @@ decode -> encode round trip, and can compare the engine's log-probs with its own
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+if TYPE_CHECKING:
+    from stages.common.engine import TrainEngine
 
 
 @dataclass
@@ -40,8 +45,9 @@ class RolloutEngine(Protocol):
         """Sample one answer per context; temperature 0 = greedy."""
         ...
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        """Make the engine sample from `policy`'s current weights (after an update)."""
+    def sync_weights(self, trainer: TrainEngine) -> None:
+        """Make the engine sample from the current weights of the policy `trainer` trains (after an update,
+        or a resume)."""
         ...
 
 
@@ -89,8 +95,11 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, model, eos_id: int, pad_id: int, batch_size: int = 512):
+    def __init__(self, model, eos_id: int, pad_id: int, batch_size: int = 512, synced_gpus: bool = False):
         self.model, self.eos_id, self.pad_id, self.batch_size = model, eos_id, pad_id, batch_size
+        # ZeRO-3 over several ranks: every rank generates, and a rank whose rows all stopped keeps running
+        # forwards until every rank's have (each forward gathers weights from all ranks).
+        self.synced_gpus = synced_gpus
 
     def _generation_config(self, temperature: float, max_new_tokens: int) -> GenerationConfig:
         # Every distribution-changing option set explicitly: a hub model's generation_config.json fills
@@ -121,7 +130,8 @@ class HFEngine:
             recorder = _SampledLogprobs(temperature)
             gen = self.model.generate(input_ids=ids, attention_mask=mask,
                                       generation_config=self._generation_config(temperature, max_new_tokens),
-                                      logits_processor=LogitsProcessorList([recorder]))
+                                      logits_processor=LogitsProcessorList([recorder]),
+                                      synced_gpus=self.synced_gpus)
             new = gen[:, ids.shape[1]:]  # [B, N]
             recorder.collect(new[:, -1])
             logprobs = torch.stack(recorder.steps, dim=1).tolist()  # [B, N]
@@ -130,8 +140,8 @@ class HFEngine:
                 out.append(Generation(row[:cut], lps[:cut]))
         return out
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        if policy is not self.model:
+    def sync_weights(self, trainer: TrainEngine) -> None:
+        if trainer.hf_model is not self.model:
             raise ValueError("the hf engine samples from the policy object it was built with")
 
 
@@ -145,8 +155,13 @@ class VLLMEngine:
       from (vLLM's default returns raw-logit log-probs, which bias importance ratios when T != 1);
     - `enable_prefix_caching=True`: turn t+1's context starts with turn t's, so its KV is reused;
     - full-weight push: `load_weights` on the engine's model then `reset_prefix_cache()` (cached KV was
-      computed with the old weights); LoRA push: the adapter saved to a folder and passed as a new
-      `LoRARequest` with every generate call (the base weights in vLLM never change).
+      computed with the old weights); LoRA push: the adapter saved to a folder by the training engine
+      (`export_adapter`: peft's adapter_config.json + adapter weights) and passed as a new `LoRARequest`
+      with every generate call. The base weights in vLLM are the SFT model's (`model_path`) and never
+      change, which is the same model the trainer's reference is (the policy with its adapter disabled).
+      Until the first push (a fresh run) no adapter is applied: peft initialises B = 0, so base = policy.
+    - it lives on rank 0 only, which rolls out; under DeepSpeed ZeRO-2 rank 0 holds full weights (and the
+      whole adapter), so the push needs no collective. ZeRO-3 with vllm is refused at config load.
     """
 
     name = "vllm"
@@ -162,7 +177,7 @@ class VLLMEngine:
         self._version = 0
         self.llm = LLM(model=str(model_path), enable_prefix_caching=True, logprobs_mode="processed_logprobs",
                        max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                       enable_lora=lora_rank is not None, max_lora_rank=lora_rank or 16)
+                       enable_lora=lora_rank is not None, max_lora_rank=_vllm_lora_rank(lora_rank or 16))
 
     def generate(self, contexts: list[list[int]], *, temperature: float, max_new_tokens: int) -> list[Generation]:
         from vllm import SamplingParams, TokensPrompt  # noqa: PLC0415
@@ -181,26 +196,34 @@ class VLLMEngine:
             result.append(Generation(ids, lps))
         return result
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
+    def sync_weights(self, trainer: TrainEngine) -> None:
         self._version += 1
         if self.lora_rank is not None:  # a peft model: push the adapter only
             from vllm.lora.request import LoRARequest  # noqa: PLC0415
 
-            folder = self._lora_dir / f"v{self._version}"
-            policy.save_pretrained(str(folder))  # peft writes adapter_config.json + adapter weights only
+            folder = trainer.export_adapter(self._lora_dir / f"v{self._version}")  # adapter files only
             self._lora_request = LoRARequest(f"policy-v{self._version}", self._version, str(folder))
+            if self._version > 1:  # the previous adapter's folder is no longer read
+                shutil.rmtree(self._lora_dir / f"v{self._version - 1}", ignore_errors=True)
         else:
+            state = trainer.full_state()
             engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-            engine_model.load_weights((name, p.detach()) for name, p in policy.state_dict().items())
+            engine_model.load_weights((name, p.detach()) for name, p in state.items())
         self.llm.reset_prefix_cache()
+
+
+def _vllm_lora_rank(r: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds `r` (vLLM's LoRAConfig allows only these sizes)."""
+    return next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= r)
 
 
 def make_engine(kind: str, policy, *, eos_id: int, pad_id: int, batch_size: int = 512, model_path: str | Path | None = None,
                 max_model_len: int = 0, gpu_memory_utilization: float = 0.5, seed: int = 0,
-                lora_rank: int | None = None) -> RolloutEngine:
-    """The engine named by the config (`hf` | `vllm`)."""
+                lora_rank: int | None = None, synced_gpus: bool = False) -> RolloutEngine:
+    """The engine named by the config (`hf` | `vllm`). `policy` is the (peft-wrapped) transformers model the
+    hf engine generates with; `model_path` the SFT model's folder vLLM loads (the LoRA base)."""
     if kind == "hf":
-        return HFEngine(policy, eos_id, pad_id, batch_size)
+        return HFEngine(policy, eos_id, pad_id, batch_size, synced_gpus=synced_gpus)
     if kind == "vllm":
         if model_path is None:
             raise ValueError("the vllm engine loads the policy's weights from a folder: model_path is required")

@@ -1,8 +1,10 @@
 """RL checkpoints in the stage's MLflow run, and resuming from them.
 
-A checkpoint is a folder logged to the run as `checkpoints/step-NNNNNN/`: the policy and critic
-weights (safetensors), both optimizers' states, every RNG state, the step (the data position follows
-from it, see `batch.step_problems`) and the metric history. Only after the upload completes does the
+A checkpoint is a folder logged to the run as `checkpoints/step-NNNNNN/`: the policy's and the critic's
+training engine states (`policy/`, `critic/`: weights and optimizer state, as safetensors + torch files
+for the torch engine, as DeepSpeed's own checkpoint with one optimizer partition per rank for the
+DeepSpeed engine), every RNG state, the step (the data position follows from it, see
+`batch.step_problems`) and the metric history. Only after the upload completes does the
 run's tag `ufo.rl.checkpoint` point at it (step, URI, sha256): a process killed mid-upload leaves
 the tag on the previous, complete checkpoint. That is what makes writing it atomic for a reader.
 
@@ -26,16 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_model, save_model
 
 from stages.common.contracts import ArtifactRef
-from stages.common.tracking import fetch_verified, log_artifact
+from stages.common.tracking import fetch_verified, sha256_path
 from stages.rl.config import Config
 from stages.rl.models import Models
+from stages.rl.ranks import Ranks
 
 log = logging.getLogger("ufo.rl")
 
@@ -92,20 +93,23 @@ def find_checkpoint(key: str, experiment_id: str, current_run_id: str) -> Found 
 
 
 def save_checkpoint(models: Models, step: int, data_position: int, history: list[dict[str, float]],
-                    workdir: Path) -> ArtifactRef:
-    """Write the training state to `workdir`, log it to the active run, then point the tag at it.
+                    workdir: Path, run_id: str, ranks: Ranks | None = None) -> ArtifactRef | None:
+    """Write the training state to `workdir`, log it to run `run_id`, then point the run's tag at it.
 
+    Every rank calls this: each engine writes its state (DeepSpeed: every rank its ZeRO partition of the
+    optimizer state, into the same folder). Rank 0 then adds the RNG states (the same on every rank, see
+    `ranks.share_rollout`), uploads and tags; it returns the reference, the other ranks None.
     `data_position` (problems consumed so far) is recorded for readers; resuming needs only the step,
     since `batch.step_problems` is a pure function of (seed, step).
     """
+    ranks = ranks or Ranks()
     folder = workdir / f"step-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(models.policy, str(folder / "policy.safetensors"))
-    optim = {"policy": models.policy_optimizer.state_dict()}
-    if models.critic is not None:
-        save_model(models.critic, str(folder / "critic.safetensors"))
-        optim["critic"] = models.critic_optimizer.state_dict()
-    torch.save(optim, folder / "optimizers.pt")
+    models.policy_engine.save_state(folder / "policy")
+    if models.critic_engine is not None:
+        models.critic_engine.save_state(folder / "critic")
+    ranks.barrier()  # every rank's files are written
+    if not ranks.main:
+        return None
     torch.save(_torch_rng_states(), folder / "torch_rng.pt")
     (folder / "state.json").write_text(json.dumps({
         "step": step,
@@ -114,21 +118,46 @@ def save_checkpoint(models: Models, step: int, data_position: int, history: list
         "numpy_rng": _jsonable(np.random.get_state()),
         "history": history,
     }))
-    ref = log_artifact(folder, f"checkpoints/step-{step:06d}")
-    mlflow.set_tag(TAG_CHECKPOINT, json.dumps({"step": step, "uri": ref.uri, "sha256": ref.sha256}))
+    path = f"checkpoints/step-{step:06d}"
+    ref = ArtifactRef(uri=f"runs:/{run_id}/{path}", sha256=sha256_path(folder))
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(folder), path)
+    client.set_tag(run_id, TAG_CHECKPOINT, json.dumps({"step": step, "uri": ref.uri, "sha256": ref.sha256}))
     shutil.rmtree(folder, ignore_errors=True)
     return ref
 
 
-def restore_checkpoint(models: Models, found: Found, workdir: Path) -> tuple[int, list[dict[str, float]]]:
-    """Load a checkpoint (digest-checked) into `models` and the RNGs; return (step, metric history)."""
+@dataclass
+class Resume:
+    """A checkpoint fetched (digest-checked) to `folder`, from run `run_id` at `step`."""
+
+    run_id: str
+    step: int
+    folder: Path
+
+
+def fetch_resume_point(cfg: Config, run_id: str, experiment_id: str, workdir: Path) -> Resume | None:
+    """Tag run `run_id` with its resume key and fetch the newest checkpoint to continue from, if any (run in
+    the stage process; the ranks only read the folder)."""
+    key = resume_key(cfg)
+    found = find_checkpoint(key, experiment_id, run_id) if cfg.resume else None
+    MlflowClient().set_tag(run_id, TAG_RESUME_KEY, key)
+    if found is None:
+        return None
     folder = fetch_verified(found.ref, workdir / f"resume-{found.run_id}")
-    load_model(models.policy, str(folder / "policy.safetensors"))
-    optim = torch.load(folder / "optimizers.pt", weights_only=True)
-    models.policy_optimizer.load_state_dict(optim["policy"])
-    if models.critic is not None:
-        load_model(models.critic, str(folder / "critic.safetensors"))
-        models.critic_optimizer.load_state_dict(optim["critic"])
+    return Resume(found.run_id, found.step, folder)
+
+
+def read_history(folder: Path) -> list[dict[str, float]]:
+    """The per-step metrics recorded in a checkpoint folder."""
+    return json.loads((folder / "state.json").read_text())["history"]
+
+
+def restore_checkpoint(models: Models, folder: Path) -> tuple[int, list[dict[str, float]]]:
+    """Load a fetched checkpoint into `models` and the RNGs (every rank calls it); return (step, history)."""
+    models.policy_engine.load_state(folder / "policy")
+    if models.critic_engine is not None:
+        models.critic_engine.load_state(folder / "critic")
     state = json.loads((folder / "state.json").read_text())
     rng = torch.load(folder / "torch_rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from stages.common.config import StageConfig
 from stages.common.contracts import DEFAULT_FEEDBACK, CurateOutput, SFTOutput
 from stages.common.contracts import RLOutput as Output
-from stages.common.model_spec import Device
+from stages.common.model_spec import Device, EngineConfig
 
 __all__ = ["Config", "Output"]
 
@@ -24,6 +24,12 @@ class Config(StageConfig):
     """The curate stage's Output (set by the flow)."""
     sft: SFTOutput | None = None
     """The SFT stage's Output: the starting policy and the KL reference (set by the flow)."""
+    engine: EngineConfig = EngineConfig()
+    """How the policy and the critic train: plain torch in this process. `lora`: LoRA adapters (peft) on the
+    policy only; the KL reference is then the policy with its adapter disabled (the SFT weights exactly, no
+    second copy in memory), the critic still trains all its weights, and the logged model is the merged one
+    (plain transformers). Cost: LoRA's forward adds ~2*r*(d_in + d_out) flops per targeted matrix and token;
+    its optimizer state is the adapters' only. kind 'deepspeed' is refused for RL (not built yet)."""
 
     # --- the episode protocol and its reward ---
     max_turns: int = Field(5, ge=1)
@@ -168,6 +174,17 @@ class Config(StageConfig):
                              "(pip install vllm on a CUDA machine), or use 'hf'")
         if self.rollout_engine == "vllm" and self.device == "cpu":
             raise ValueError("rollout_engine: 'vllm' runs on a GPU, but device is 'cpu'; use 'hf'")
+        if self.engine.kind == "deepspeed":
+            raise ValueError("engine.kind: 'deepspeed' is not available in the RL stage yet (only SFT runs on "
+                             "DeepSpeed ranks); use 'torch', with or without engine.lora")
+        zero3_ranks = self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3 \
+            and self.engine.num_processes > 1
+        if self.rollout_engine == "vllm" and zero3_ranks:
+            raise ValueError("rollout_engine: 'vllm' takes its weights from rank 0, which under ZeRO-3 holds only "
+                             "its partition; use engine.deepspeed.zero_stage 2 or one process")
+        if self.algorithm == "ppo" and self.critic == "value_head" and self.engine.kind == "deepspeed":
+            raise ValueError("critic: 'value_head' trains the policy's decoder with the value loss in one backward "
+                             "through one engine; with engine.kind 'deepspeed' use 'separate'")
         return self
 
     @property

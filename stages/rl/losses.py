@@ -255,25 +255,28 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: t
              advantages: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
              response_mask: torch.Tensor, *, clip_low: float, clip_high: float, kl_coef: float, value_clip: float,
              value_loss_coef: float, entropy: torch.Tensor | None = None,
-             entropy_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             entropy_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """PPO with a learned critic (Schulman et al. 2017; Ouyang et al. 2022 for LMs): the actor's clipped
     surrogate on per-token GAE advantages + value_loss_coef * the clipped value loss.
+
+    The two terms come back apart: a separate critic trains in its own engine, so each term goes to the
+    backward of the engine whose weights it depends on (their sum is the PPO loss, `loss/total`).
 
     Args:
         logprobs, old_logprobs, ref_logprobs: [B, L]; advantages: [B, L] from `gae` (whitened or not).
         values: [B, L] the critic now (with grad); old_values: [B, L] at rollout time; returns: [B, L]
         the critic's targets from `gae`. response_mask: [B, L].
     Returns:
-        (scalar loss, detached stats for logging).
+        (scalar actor loss, scalar value_loss_coef * value loss, detached stats for logging).
     """
     actor, stats = policy_objective(logprobs, old_logprobs, ref_logprobs, advantages, response_mask,
                                     clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, entropy=entropy,
                                     entropy_coef=entropy_coef)
     critic, critic_clipped = value_loss(values, old_values, returns, response_mask, value_clip)
-    loss = actor + value_loss_coef * critic
+    weighted = value_loss_coef * critic
     stats |= {"loss/value": critic.detach(), "loss/value_clip_fraction": critic_clipped.detach(),
-              "loss/total": loss.detach()}
-    return loss, stats
+              "loss/total": (actor + weighted).detach()}
+    return actor, weighted, stats
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -1,14 +1,20 @@
-"""What the RL trainer trains and how it runs a forward pass: policy, critic, reference, optimizers.
+"""What the RL trainer trains and how it runs a forward pass: policy, critic, reference, and the engines
+that train them.
 
-`build_models` is the one place they are constructed. A DeepSpeed engine or a peft/LoRA policy plugs
-in there (wrap `policy`/`critic` and their optimizers; make `reference` the base with the adapter
-disabled); the trainer only calls `score`, `.backward()` on a loss and `step`.
+`build_models` is the one place they are constructed. The policy and the critic each train through a
+`stages.common.engine` engine, the same ones SFT uses: plain torch in this process, or DeepSpeed ZeRO-2/3
+on one of the ranks the stage launched; the policy optionally as LoRA adapters through peft, in which case
+the KL reference is the same model with its adapter disabled (no second copy of the weights). The trainer
+calls `score`/`critic_values` on `Models.policy`/`Models.critic` (the engines' modules: forward goes
+through DeepSpeed, which gathers ZeRO-3's partitioned weights), `backward` on the engines, and `step`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from stages.common.engine import TrainEngine, build_engine
 from stages.common.model import load_pretrained
 from stages.rl.batch import Batch
 from stages.rl.config import Config
@@ -42,64 +49,138 @@ class ValueModel(nn.Module):
         """[B, W] values from the trunk run on input_ids, or from given hidden states [B, W, H]."""
         if hidden is None:
             hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, W, H]
-        return self.head(hidden.float()).squeeze(-1)  # [B, W]
+        # the head's own dtype (DeepSpeed bf16 casts it with the trunk), values in float32 for the losses
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # [B, W]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DeepSpeed engine (which keeps it as `.module`), else `model` itself."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def hf_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model under DeepSpeed and peft wrappers (peft's LoRA layers live inside it, so
+    calling it or its decoder still applies the adapters)."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @dataclass
 class Models:
-    policy: nn.Module
+    """policy_engine/critic_engine train; `reference` is a frozen copy of the SFT policy, or None (no KL,
+    or LoRA: the policy with its adapter disabled is the reference, see `reference_model`)."""
+
+    policy_engine: TrainEngine
+    critic_engine: TrainEngine | None
     tokenizer: object
     reference: nn.Module | None
-    critic: ValueModel | None
-    policy_optimizer: torch.optim.Optimizer
-    critic_optimizer: torch.optim.Optimizer | None
+    adapter_reference: bool = False
+    """LoRA with kl_coef > 0: the reference is the policy with its adapter disabled."""
+
+    @property
+    def policy(self) -> nn.Module:
+        """What the policy's forward is called on (the DeepSpeed engine, or the (peft) model itself)."""
+        return self.policy_engine.module
+
+    @property
+    def hf_policy(self) -> nn.Module:
+        """The (peft-wrapped) transformers model: `generate`, config, export."""
+        return self.policy_engine.hf_model
+
+    @property
+    def critic(self) -> nn.Module | None:
+        return self.critic_engine.module if self.critic_engine is not None else None
 
     @property
     def shared_critic(self) -> bool:
         """A value head on the policy's own decoder (no trunk of its own)."""
-        return self.critic is not None and self.critic.trunk is None
+        return self.critic is not None and unwrap(self.critic).trunk is None
 
     @property
     def value_prefix_model(self) -> nn.Module:
         """Whose prefix keys/values the critic's values need: the policy's for a value head on it."""
         return self.policy if self.shared_critic else self.critic
 
+    @property
+    def has_reference(self) -> bool:
+        return self.reference is not None or self.adapter_reference
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """The module that scores as the frozen SFT reference: a copy, or the LoRA policy with its adapter
+        disabled (peft's `disable_adapter`: base weights exactly, the adapters skipped)."""
+        if self.reference is not None:
+            yield self.reference
+        elif self.adapter_reference:
+            with self.hf_policy.disable_adapter():
+                yield self.policy
+        else:
+            raise RuntimeError("no reference model: kl_coef is 0")
+
+    @property
+    def engines(self) -> list[TrainEngine]:
+        return [e for e in (self.policy_engine, self.critic_engine) if e is not None]
+
     def train(self, mode: bool = True) -> None:
-        self.policy.train(mode)
-        if self.critic is not None:
-            self.critic.train(mode)
+        for engine in self.engines:
+            engine.module.train(mode)
 
-    def zero_grad(self) -> None:
-        self.policy_optimizer.zero_grad(set_to_none=True)
-        if self.critic_optimizer is not None:
-            self.critic_optimizer.zero_grad(set_to_none=True)
+    def expect_backwards(self, count: int) -> None:
+        for engine in self.engines:
+            engine.expect_backwards(count)
 
-    def step(self, grad_clip: float) -> dict[str, float]:
-        """Clip each model's gradient norm and take one optimizer step; return the norms."""
-        norms = {"loss/grad_norm": float(nn.utils.clip_grad_norm_(self.policy.parameters(), grad_clip))}
-        self.policy_optimizer.step()
-        if self.critic_optimizer is not None:
-            norms["loss/critic_grad_norm"] = float(nn.utils.clip_grad_norm_(self.critic.parameters(), grad_clip))
-            self.critic_optimizer.step()
+    def backward(self, actor: torch.Tensor, critic: torch.Tensor | None) -> None:
+        """Backward of the actor loss through the policy's engine and of the (weighted) value loss through
+        the critic's. A value head's loss also reaches the policy's decoder (its hidden states), so the two
+        go back in one pass; the config allows that only with torch engines, where the gradients land in
+        each module's own parameters whichever engine calls backward."""
+        if critic is None:
+            self.policy_engine.backward(actor)
+        elif self.shared_critic:
+            self.policy_engine.backward(actor + critic)
+        else:
+            self.policy_engine.backward(actor)
+            self.critic_engine.backward(critic)
+
+    def step(self) -> dict[str, float]:
+        """Clip each model's gradient norm (over all ranks) and take one optimizer step; return the norms."""
+        norms = {"loss/grad_norm": self.policy_engine.step()}
+        if self.critic_engine is not None:
+            norms["loss/critic_grad_norm"] = self.critic_engine.step()
         return norms
 
 
-def build_models(cfg: Config, model_dir: str | Path, device: torch.device) -> Models:
-    """Policy (the SFT model), reference (a frozen copy, when kl_coef > 0), critic (PPO) and optimizers.
+def _constant(_step: int) -> float:
+    return 1.0
 
-    The seam for DeepSpeed/LoRA: swap what is built here; everything downstream sees `Models`.
+
+def build_models(cfg: Config, model_dir: str | Path, device: torch.device) -> Models:
+    """Policy (the SFT model), reference (when kl_coef > 0), critic (PPO), each in its engine.
+
+    Copies are taken before any engine wraps a model (DeepSpeed partitions ZeRO-3 weights in place, peft
+    injects adapters in place). The reference is a plain frozen module on every rank (replicated, not
+    partitioned); with LoRA there is none: the base weights ARE the reference. The critic trains all its
+    weights (LoRA applies to the policy only), with the policy's engine kind.
     """
     policy, tokenizer = load_pretrained(model_dir, device)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    lora = cfg.engine.lora is not None
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 and not lora else None
     critic = None
-    critic_optimizer = None
     if cfg.algorithm == "ppo":
         hidden = policy.get_output_embeddings().in_features
         trunk = copy.deepcopy(policy.base_model) if cfg.critic == "separate" else None
         critic = ValueModel(hidden, trunk).to(device)
-        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
-    policy_optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    return Models(policy, tokenizer, reference, critic, policy_optimizer, critic_optimizer)
+    common = {"weight_decay": 0.0, "grad_clip": cfg.grad_clip, "lr_lambda": _constant}
+    policy_engine = build_engine(policy, cfg.engine, lr=cfg.lr, **common)
+    critic_engine = None
+    if critic is not None:
+        # A value head has no weights worth sharding: it trains in this process, next to the policy.
+        spec = cfg.engine.model_copy(update={"lora": None})
+        if critic.trunk is None:
+            spec = spec.model_copy(update={"kind": "torch", "num_processes": 1})
+        critic_engine = build_engine(critic, spec, lr=cfg.critic_lr, **common)
+    return Models(policy_engine, critic_engine, tokenizer, reference, adapter_reference=lora and cfg.kl_coef > 0)
 
 
 @dataclass
@@ -123,19 +204,27 @@ PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack under a causal LM head (or the critic's trunk): what runs the prefixes."""
-    return model.trunk if isinstance(model, ValueModel) else model.base_model
+    inner = unwrap(model)
+    return inner.trunk if isinstance(inner, ValueModel) else hf_model_of(inner).base_model
 
 
 def supports_shared_prefix(model: nn.Module) -> bool:
     """Full attention in every layer: a sliding-window layer would see a prefix it must not."""
-    config = model.config
+    config = hf_model_of(model).config
     return all(t == "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"]) \
         and not getattr(config, "use_sliding_window", False)
 
 
+def _transformers_module(model: nn.Module) -> nn.Module:
+    """The transformers model (or the critic's trunk) whose forward and config a forward call reaches."""
+    inner = unwrap(model)
+    return inner.trunk if isinstance(inner, ValueModel) else hf_model_of(inner)
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40)
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward = _transformers_module(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def prefix_kv(model: nn.Module, batch: Batch) -> PrefixKV:
@@ -155,7 +244,8 @@ def _suffix_inputs(model: nn.Module, mb: Batch, kv: PrefixKV | None) -> dict:
     if kv is None:
         return {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask}
     group = mb.group.to(mb.input_ids.device)
-    cache = DynamicCache(ddp_cache_data=[(k[group], v[group]) for k, v in kv], config=model.config)  # [b, h, P, d]
+    config = _transformers_module(model).config
+    cache = DynamicCache(ddp_cache_data=[(k[group], v[group]) for k, v in kv], config=config)  # [b, h, P, d]
     width = mb.input_ids.shape[1]
     positions = mb.prefix_lens[:, None].to(group.device) + torch.arange(width, device=group.device)  # [b, W]
     return {"input_ids": mb.input_ids, _cache_kwarg(model): cache, "position_ids": positions,
@@ -191,6 +281,6 @@ def critic_values(models: Models, mb: Batch, kv: PrefixKV | None = None) -> torc
         hidden = models.policy(**_suffix_inputs(models.policy, mb, kv), output_hidden_states=True,
                                use_cache=False).hidden_states[-1]  # [B, W, H]
         return models.critic(hidden=hidden)[:, :-1]
-    trunk = models.critic.trunk
+    trunk = unwrap(models.critic).trunk
     hidden = trunk(**_suffix_inputs(trunk, mb, kv), use_cache=False).last_hidden_state  # [B, W, H]
     return models.critic(hidden=hidden)[:, :-1]

@@ -18,7 +18,7 @@ from stages.common.config import ConfigError
 from stages.common.contracts import Problem, load_split, problems_from
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import episode_metrics
-from stages.common.model import resolve_device, save_pretrained, seed_everything
+from stages.common.model import resolve_device, seed_everything
 from stages.common.rollout_engines import RolloutEngine, make_engine
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import (
@@ -69,11 +69,12 @@ def train(config: Config, ctx: StageContext) -> Output:
     model_dir = fetch_verified(config.sft.artifact("model"), ctx.workdir / "in")
     models = build_models(config, model_dir, device)
     fmt = ChatFormat(models.tokenizer, config.feedback)
-    _check_lengths(config, fmt, problems, models.policy)
-    engine = make_engine(config.rollout_engine, models.policy, eos_id=fmt.eos_id, pad_id=fmt.pad_id,
+    _check_lengths(config, fmt, problems, models.hf_policy)
+    engine = make_engine(config.rollout_engine, models.hf_policy, eos_id=fmt.eos_id, pad_id=fmt.pad_id,
                          batch_size=config.rollout_batch_size, model_path=model_dir,
                          max_model_len=config.max_episode_tokens, seed=config.seed,
-                         gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+                         gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                         lora_rank=config.engine.lora.r if config.engine.lora is not None else None)
     first_step, history = _resume(config, models, ctx)
     t_start = time.time()
     for step in range(first_step, config.steps + 1):
@@ -90,7 +91,7 @@ def train(config: Config, ctx: StageContext) -> Output:
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
             t0 = time.time()
             checkpoint.save_checkpoint(models, step, step * config.problems_per_step, history,
-                                       ctx.workdir / "checkpoints")
+                                       ctx.workdir / "checkpoints", ctx.run_id)
             mlflow.log_metric("perf/checkpoint_seconds", time.time() - t0, step=step)
     return _finish(config, models, history, first_step, time.time() - t_start, ctx)
 
@@ -118,10 +119,11 @@ def train_step(config: Config, step: int, models: Models, engine: RolloutEngine,
                                config.micro_batch_call_cost)
     # the log-probs and values at rollout time that the advantage and the loss need
     with timer("ref_forward"):
-        if models.reference is not None:
-            batch.ref_logprobs = forward_all(
-                models.reference, lambda mb, kv: score(models.reference, mb, config.temperature, kv=kv).logprobs,
-                batch, chunks, device)
+        if models.has_reference:
+            with models.reference_model() as reference:  # a frozen copy, or the LoRA base (adapter off)
+                batch.ref_logprobs = forward_all(
+                    reference, lambda mb, kv: score(reference, mb, config.temperature, kv=kv).logprobs,
+                    batch, chunks, device)
     with timer("old_forward"):
         if not config.skips_old_forward:
             batch.old_logprobs = forward_all(
@@ -137,7 +139,7 @@ def train_step(config: Config, step: int, models: Models, engine: RolloutEngine,
     # 4. update
     with timer("update"):
         update_stats = update(models, batch, config, device)
-        engine.sync_weights(models.policy)
+        engine.sync_weights(models.policy_engine)
     return update_stats | adv_stats | step_metrics(episodes, all_returns, batch, chunks, config) | timer.metrics() \
         | telemetry(models, episodes, timer)
 
@@ -214,17 +216,16 @@ def update(models: Models, batch: Batch, cfg: Config, device: torch.device) -> d
         for start in range(0, len(batch), cfg.minibatch_size):
             idx = order[start:start + cfg.minibatch_size]
             tokens = batch.response_mask[idx].sum().clamp(min=1)
-            models.zero_grad()
             prefixes = _PrefixGrads(models, batch)
             for chunk in micro_batches(batch.lengths, idx, cfg.micro_batch_tokens, cfg.micro_batch_call_cost):
                 mb = batch.rows(chunk, device)
                 weight = float(mb.response_mask.sum() / tokens)
-                loss, stats = micro_batch_loss(models, mb, cfg, prefixes.policy, prefixes.critic)
-                (loss * weight).backward()
+                actor, critic, stats = micro_batch_loss(models, mb, cfg, prefixes.policy, prefixes.critic)
+                models.backward(actor * weight, critic * weight if critic is not None else None)
                 for k, v in stats.items():
                     totals[k] += float(v) * weight
             prefixes.backward()
-            for k, v in models.step(cfg.grad_clip).items():
+            for k, v in models.step().items():
                 totals[k] += v
             num_steps += 1
     return {k: v / num_steps for k, v in totals.items()}
@@ -257,8 +258,9 @@ class _PrefixGrads:
 
 
 def micro_batch_loss(models: Models, mb: Batch, cfg: Config, policy_kv: PrefixKV | None = None,
-                     critic_kv: PrefixKV | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The algorithm's loss on one micro-batch (with grad)."""
+                     critic_kv: PrefixKV | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The algorithm's loss on one micro-batch (with grad): (actor loss, weighted value loss or None, stats)."""
     value_head = models.critic if models.shared_critic else None
     s = score(models.policy, mb, cfg.temperature, entropy=cfg.entropy_coef > 0, value_head=value_head, kv=policy_kv)
     # One epoch, one minibatch: the pre-update log-probs ARE this forward's; detach (ratio exactly 1).
@@ -268,14 +270,15 @@ def micro_batch_loss(models: Models, mb: Batch, cfg: Config, policy_kv: PrefixKV
               "entropy_coef": cfg.entropy_coef}
     if cfg.algorithm == "ppo":
         values = s.values if value_head is not None else critic_values(models, mb, critic_kv)  # [B, L]
-        loss, stats = ppo_loss(s.logprobs, old, mb.ref_logprobs, mb.advantages, values, mb.old_values, mb.returns,
-                               mb.response_mask, value_clip=cfg.value_clip, value_loss_coef=cfg.value_loss_coef,
-                               **common)
+        actor, critic, stats = ppo_loss(s.logprobs, old, mb.ref_logprobs, mb.advantages, values, mb.old_values,
+                                        mb.returns, mb.response_mask, value_clip=cfg.value_clip,
+                                        value_loss_coef=cfg.value_loss_coef, **common)
     else:
-        loss, stats = grpo_loss(s.logprobs, old, mb.ref_logprobs, mb.advantages, mb.response_mask, **common)
+        critic = None
+        actor, stats = grpo_loss(s.logprobs, old, mb.ref_logprobs, mb.advantages, mb.response_mask, **common)
     # How far the rollout engine's log-probs are from the trainer's (kernels, padding, precision).
     stats["rollout/logprob_abs_diff"] = masked_mean((mb.rollout_logprobs - old).abs(), mb.response_mask)
-    return loss, stats
+    return actor, critic, stats
 
 
 def step_metrics(episodes: list[Episode], all_returns: torch.Tensor, batch: Batch, chunks: list[torch.Tensor],
@@ -311,7 +314,7 @@ def telemetry(models: Models, episodes: list[Episode], timer: PhaseTimer) -> dic
     """
     tokens = sum(len(e.token_ids()) for e in episodes)
     generated = sum(len(t.answer_ids) for e in episodes for t in e.turns)
-    return {"train/lr": models.policy_optimizer.param_groups[0]["lr"],
+    return {"train/lr": models.policy_engine.lr(),
             "perf/tokens_per_second": tokens / max(time.time() - timer.start, 1e-9),
             "perf/generated_tokens_per_second": generated / max(timer.seconds["rollout"], 1e-9)}
 
@@ -342,13 +345,11 @@ def _resume(config: Config, models: Models, ctx: StageContext) -> tuple[int, lis
     Returns (first step to run, metric history so far). The history is logged again into this run, so
     its curves are complete.
     """
-    key = checkpoint.resume_key(config)
     run = mlflow.active_run()
-    found = checkpoint.find_checkpoint(key, run.info.experiment_id, run.info.run_id) if config.resume else None
-    mlflow.set_tag(checkpoint.TAG_RESUME_KEY, key)
+    found = checkpoint.fetch_resume_point(config, run.info.run_id, run.info.experiment_id, ctx.workdir)
     if found is None:
         return 1, []
-    step, history = checkpoint.restore_checkpoint(models, found, ctx.workdir)
+    step, history = checkpoint.restore_checkpoint(models, found.folder)
     log.info("resuming from run %s at step %d (of %d)", found.run_id, step, config.steps)
     mlflow.set_tag(checkpoint.TAG_RESUMED_FROM, f"{found.run_id}@step-{step}")
     now = int(time.time() * 1000)
@@ -368,7 +369,8 @@ def _finish(config: Config, models: Models, history: list[dict[str, float]], fir
         "perf/train_seconds": seconds,
     }
     mlflow.log_metrics(summary)
-    model_ref = log_artifact(save_pretrained(models.policy, models.tokenizer, ctx.workdir / "model"), "model")
+    # A plain transformers folder: LoRA adapters merged into the base weights by peft.
+    model_ref = log_artifact(models.policy_engine.export(models.tokenizer, ctx.workdir / "model"), "model")
     card = (f"UFO multi-turn RL with unary feedback (stages/rl), MLflow run {ctx.run_id}: {config.algorithm}, "
             f"{config.steps} steps, T = {config.max_turns}, gamma = {config.gamma}, "
             f"lambda = {config.repetition_penalty}, feedback {config.feedback!r}.")

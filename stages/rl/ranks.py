@@ -1,0 +1,103 @@
+"""How one RL step is shared among the data-parallel ranks the stage launches (engine.kind=deepspeed),
+so that N ranks compute what one process computes, up to the order of float sums:
+
+- Rollout: rank 0 plays the step's episodes and broadcasts them, together with its torch RNG state
+  after the rollout. Every rank then holds the same batch and the same RNG state as the one-process run
+  at that point (the state matters: a minibatch order or a dropout mask drawn later must agree). Under
+  ZeRO-3 every rank must take part in each generate forward (the weights are gathered there), so with
+  the `hf` engine every rank generates, in lockstep, and rank 0's copy still wins.
+  Why not each rank sampling its share of the problems: a sampled token depends on what its row was
+  batched with (left padding and batch shape change the float rounding of the logits), so a run with
+  another number of ranks could never reproduce the one-process samples, and the comparison of the two
+  would measure sampling noise instead of the engine. The cost: the rollout does not get faster with
+  more ranks (the forwards, backwards and optimizer state do).
+- Forward and backward passes: the step's micro-batches are cut from the whole batch exactly as in one
+  process (`batch.micro_batches`) and dealt round-robin. Each rank scores its own micro-batches; the
+  [B, L] scores are summed over ranks (each row comes from one rank, zeros from the others: exact), so
+  advantages are computed on the full batch, the same on every rank.
+- Losses: a micro-batch's loss is weighted by its share of the minibatch's generated tokens over ALL
+  ranks, so the ranks' gradients add up to the one-process gradient; DeepSpeed reduces them (the engine
+  undoes its averaging).
+- Equal call counts: ZeRO-2/3 reduce gradients over the ranks in every backward, and ZeRO-3 gathers
+  weights in every forward, so a rank with fewer micro-batches runs one again with weight 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Ranks:
+    """This process's place among the ranks (the defaults: one process, nothing to share)."""
+
+    rank: int = 0
+    world_size: int = 1
+    lockstep_forwards: bool = False
+    """ZeRO-3 over several ranks: every rank must run the same forward calls of the trained models."""
+
+    @classmethod
+    def of(cls, engine) -> Ranks:
+        return cls(engine.rank, engine.world_size, bool(engine.lockstep_forwards))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def deal(self, chunks: list[torch.Tensor], pad: bool) -> list[tuple[torch.Tensor, float]]:
+        """This rank's micro-batches (round-robin) as (rows, 1.0); with `pad`, topped up to the same count
+        on every rank with (rows, 0.0) entries to run for the collectives' sake and then ignore."""
+        mine = [(c, 1.0) for c in chunks[self.rank::self.world_size]]
+        if pad and self.world_size > 1:
+            spare = mine[-1][0] if mine else chunks[0]
+            mine += [(spare, 0.0)] * (math.ceil(len(chunks) / self.world_size) - len(mine))
+        return mine
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over all ranks (a CPU tensor; moved to this rank's GPU and back under nccl)."""
+        if self.world_size == 1:
+            return t
+        on = t.to(_collective_device())
+        torch.distributed.all_reduce(on)
+        return on.to(t.device)
+
+    def sum_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over all ranks (every rank passes the same keys)."""
+        if self.world_size == 1:
+            return values
+        keys = sorted(values)
+        total = self.sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+        return dict(zip(keys, total.tolist(), strict=True))
+
+    def from_main(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (pickled; the other ranks' `obj` is ignored)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def share_rollout(self, episodes: list | None) -> list:
+        """Rank 0's episodes and its RNG state after the rollout, on every rank (see the module doc)."""
+        if self.world_size == 1:
+            return episodes
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        episodes, cpu, cuda = self.from_main((episodes, torch.get_rng_state(), cuda))
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+        return episodes
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
