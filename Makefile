@@ -26,7 +26,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/ufo run $(CONFIG) $(ARGS)
 
-## Unit, stage and end-to-end tests (tiny budgets); ~6 minutes on 2 cores.
+## Unit, stage and end-to-end tests (tiny budgets); ~15 minutes on 2 cores.
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" $(PYTEST_ARGS)
 
