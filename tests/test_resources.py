@@ -10,6 +10,7 @@ import json
 import pytest
 from kubernetes.client import ApiClient, V1Job
 from prefect.utilities.templating import apply_values
+from prefect.workers.process import ProcessJobConfiguration
 from prefect_docker.worker import DockerWorkerJobConfiguration
 from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
@@ -75,6 +76,13 @@ def test_docker_work_pool_job_configuration():
     assert create["shm_size"] == 16 * 2**30 and create["nano_cpus"] == 8 * 10**9
     plain = _configure(DockerWorkerJobConfiguration, "docker", {"image": "ufo-curate"})
     assert plain.container_create_kwargs == {"entrypoint": ["/usr/bin/env"]}  # nothing asked, nothing set
+
+
+def test_process_work_pool_runs_the_flow_command_in_the_given_folder(tmp_path):
+    # A process pool's worker runs each flow run as a process of its own host: from a checkout with
+    # the project installed, the module-path entrypoints of `ufo deploy` resolve there.
+    cfg = _configure(ProcessJobConfiguration, "process", {"working_dir": str(tmp_path), "env": {"A": "1"}})
+    assert cfg.working_dir == tmp_path and cfg.env == {"A": "1"} and cfg.stream_output
 
 
 def _job(resources: Resources) -> V1Job:
