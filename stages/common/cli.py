@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from stages.common.config import ConfigError, apply_overrides, load_config, validate
-from stages.common.runtime import Terminated, prepare_process, raise_on_signals
+from stages.common.runtime import Terminated, acknowledge_stop, prepare_process, raise_on_signals
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIGEST = 0, 1, 2, 3
 
@@ -134,6 +134,7 @@ def stage_main(name: str, config_cls: type, run: Callable[..., Any], argv: list[
     try:
         output = run(config, parent_run_id=args.parent_run_id, run_id=args.run_id)
     except Terminated as err:
+        acknowledge_stop()
         print(f"{name}: stopped, {err}", file=sys.stderr)
         return 128 + err.signum
     except ConfigError as err:  # runtime checks that depend on data (a prompt too long, say)

@@ -26,17 +26,41 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+#: How often `Terminated` is raised again until the stage acknowledges it (`acknowledge_stop`).
+RETRY_SECONDS = 0.5
+
+
 def raise_on_signals(*signums: int) -> None:
-    """Turn the given signals into `Terminated` in the main thread (only the main thread may call this)."""
+    """Turn the given signals into `Terminated` in the main thread (only the main thread may call this).
+
+    The exception lands at whatever bytecode runs when the signal arrives. Where that is a callback
+    whose exceptions Python ignores (a weakref or `__del__` callback: seen in ThreadPoolExecutor's,
+    which printed "Exception ignored" and let SFT train on until the launcher's SIGKILL), it is lost.
+    So it is raised again every RETRY_SECONDS (SIGALRM) until the code that catches it calls
+    `acknowledge_stop()`.
+    """
 
     def handler(signum, _frame):
-        # Raise once: a second signal during the cleanup must not interrupt the cleanup itself.
+        global _stop_signal
+        # Raise once per signal: a second SIGTERM during the cleanup must not interrupt the cleanup.
         for s in signums:
             signal.signal(s, signal.SIG_IGN)
+        _stop_signal = signum
+        signal.signal(signal.SIGALRM, retry)
+        signal.setitimer(signal.ITIMER_REAL, RETRY_SECONDS, RETRY_SECONDS)
         raise Terminated(signum)
+
+    def retry(_signum, _frame):
+        if _stop_signal is not None:
+            raise Terminated(_stop_signal)
 
     for s in signums:
         signal.signal(s, handler)
+
+
+def acknowledge_stop() -> None:
+    """The `Terminated` of `raise_on_signals` was caught: stop raising it again, so cleanup can run."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 _stop_signal: int | None = None

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from stages.common.config import StageConfig, dump_yaml
 from stages.common.contracts import ArtifactRef, StageOutput
-from stages.common.runtime import Terminated, failpoint
+from stages.common.runtime import Terminated, acknowledge_stop, failpoint
 from stages.common.workspace import artifact_root, tracking_uri
 
 # Tags that make runs findable: the pipeline run, and each stage's child run.
@@ -156,6 +156,7 @@ def run_stage(stage: str, config: StageConfig, body: Callable[[Any, StageContext
             output = body(config, StageContext(active.info.run_id, Path(tmp)))
         mlflow.log_dict(output.model_dump(mode="json"), OUTPUT_ARTIFACT)
     except (KeyboardInterrupt, Terminated) as err:
+        acknowledge_stop()
         _end(active.info.run_id, "KILLED", f"interrupted ({type(err).__name__})")
         raise
     except BaseException as err:
