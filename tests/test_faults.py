@@ -233,7 +233,7 @@ class Pool:  # like ThreadPoolExecutor: a weakref callback, whose exceptions Pyt
 
 def callback(_ref):
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.2)  # the handler runs here: its Terminated is printed as "Exception ignored in" and lost
+    time.sleep(0.2)  # the handler runs here: its Terminated is lost (Python would print "Exception ignored")
 
 raise_on_signals(signal.SIGTERM)
 sent = time.monotonic()
@@ -257,5 +257,5 @@ def test_a_stop_signal_swallowed_by_an_ignored_callback_is_raised_again(tmp_path
     proc = subprocess.run([sys.executable, "-c", SWALLOWED_ONCE], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Exception ignored" in proc.stderr and "Terminated" in proc.stderr  # the first raise was lost
+    assert "Exception ignored" not in proc.stderr, proc.stderr  # the lost raise is not reported as a crash
     assert proc.stdout.startswith("stopped after"), proc.stdout

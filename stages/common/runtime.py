@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def raise_on_signals(*signums: int) -> None:
         if _stop_signal is not None:
             raise Terminated(_stop_signal)
 
+    def unraisable(info) -> None:
+        # The lost Terminated itself: `retry` raises it again; Python's report of it would read as a crash.
+        if not isinstance(info.exc_value, Terminated):
+            default_unraisable(info)
+
+    default_unraisable = sys.unraisablehook
+    sys.unraisablehook = unraisable
     for s in signums:
         signal.signal(s, handler)
 
