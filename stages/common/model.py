@@ -49,9 +49,9 @@ def _finish(model, tokenizer):
     return model
 
 
-def new_scratch_model(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
-    """A freshly initialised Llama-style decoder sized by `cfg`, with tied input/output embeddings."""
-    config = LlamaConfig(
+def _decoder_config(config_cls, cfg: ModelConfig, tokenizer):
+    """A transformers decoder config sized by `cfg`, with tied input/output embeddings."""
+    return config_cls(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -65,27 +65,17 @@ def new_scratch_model(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation=cfg.attn_implementation,
     )
-    return _finish(LlamaForCausalLM(config), tokenizer)
+
+
+def new_scratch_model(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
+    """A freshly initialised Llama-style decoder sized by `cfg`, with tied input/output embeddings."""
+    return _finish(LlamaForCausalLM(_decoder_config(LlamaConfig, cfg, tokenizer)), tokenizer)
 
 
 def new_chat_model(cfg: ModelConfig, tokenizer) -> Qwen2ForCausalLM:
     """A freshly initialised Qwen2-architecture decoder (Qwen2.5's code path: GQA, q/k/v biases, RoPE)
     sized by `cfg`, with tied embeddings as the small Qwen2.5 models have."""
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation=cfg.attn_implementation,
-    )
-    return _finish(Qwen2ForCausalLM(config), tokenizer)
+    return _finish(Qwen2ForCausalLM(_decoder_config(Qwen2Config, cfg, tokenizer)), tokenizer)
 
 
 def build_model(cfg: ModelConfig, texts: list[str], feedback: str, device: torch.device):
