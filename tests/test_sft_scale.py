@@ -17,7 +17,8 @@ from stages.common.config import ConfigError, load_config
 from stages.common.model import build_model
 from stages.common.model_spec import ModelConfig
 from stages.common.tracking import fetch_verified
-from stages.sft.stage import lr_lambda, make_examples, micro_batches, num_targets, pack_batch, pad_batch
+from stages.sft.batching import micro_batches, num_targets, pack_batch, pad_batch
+from stages.sft.stage import lr_lambda, make_examples
 from tests.conftest import FEEDBACK, REPO, multiplication_problems
 
 CPU = torch.device("cpu")

@@ -35,8 +35,9 @@ from stages.common.engine import TorchEngine
 from stages.common.episodes import rollout
 from stages.common.grading import equivalent
 from stages.common.metrics import episode_metrics, repeat_share
+from stages.sft.batching import Example, loss_share, micro_batches, num_targets
 from stages.sft.config import Config, StubbornConfig
-from stages.sft.stage import Example, LogFn, loss_share, micro_batches, num_targets
+from stages.sft.stage import LogFn
 
 log = logging.getLogger("ufo.sft")
 
