@@ -19,6 +19,11 @@ from stages.rl import Config
     ({"micro_batch_tokens": 100}, "rl.micro_batch_tokens: 100 cannot hold one episode of up to 109 tokens"),
     ({"algorithm": "a2c"}, "rl.algorithm: Input should be 'ppo' or 'grpo'"),
     ({"kl_mode": "both"}, "rl.kl_mode: Input should be 'loss' or 'reward'"),
+    ({"engine": {"kind": "deepspeed", "deepspeed": {"zero_stage": 3}}},
+     "rl.engine.deepspeed.zero_stage: 3 is not available in the RL stage yet"),
+    ({"engine": {"kind": "deepspeed"}, "critic": "value_head"},
+     "rl.critic: 'value_head' trains the policy's decoder with the value loss in one backward"),
+    ({"engine": {"num_processes": 2}}, "rl.engine.num_processes: 2 processes need kind 'deepspeed'"),
 ])
 def test_rl_batch_invariants_fail_at_pipeline_load(rl, expected):
     with pytest.raises(ConfigError) as err:

@@ -25,11 +25,13 @@ class Config(StageConfig):
     sft: SFTOutput | None = None
     """The SFT stage's Output: the starting policy and the KL reference (set by the flow)."""
     engine: EngineConfig = EngineConfig()
-    """How the policy and the critic train: plain torch in this process. `lora`: LoRA adapters (peft) on the
-    policy only; the KL reference is then the policy with its adapter disabled (the SFT weights exactly, no
-    second copy in memory), the critic still trains all its weights, and the logged model is the merged one
-    (plain transformers). Cost: LoRA's forward adds ~2*r*(d_in + d_out) flops per targeted matrix and token;
-    its optimizer state is the adapters' only. kind 'deepspeed' is refused for RL (not built yet)."""
+    """How the policy and the critic train: plain torch in this process (default), or DeepSpeed ZeRO-2 on
+    `num_processes` ranks this stage launches itself (rank 0 rolls out and broadcasts the episodes, each rank
+    scores and trains on its share of the micro-batches, see stages/rl/ranks.py; the rollout does not get
+    faster with more ranks, the forwards, backwards and optimizer memory do; shared_prefix is off there).
+    `lora`: LoRA adapters (peft) on the policy only; the KL reference is then the policy with its adapter
+    disabled (the SFT weights exactly, no second copy in memory), the critic still trains all its weights,
+    and the logged model is the merged one (plain transformers). ZeRO-3 is refused for RL (not built yet)."""
 
     # --- the episode protocol and its reward ---
     max_turns: int = Field(5, ge=1)
@@ -114,7 +116,8 @@ class Config(StageConfig):
     shared_prefix: bool = True
     """Run each problem's prompt once per forward pass and let its group_size episodes attend to its
     keys/values (Prefix Grouper, arXiv 2506.05433): same log-probs and gradients, fewer token slots
-    (at T = 1 on the tiny task about half). Needs full attention in every layer (else ignored)."""
+    (at T = 1 on the tiny task about half). Needs full attention in every layer and engine.kind 'torch'
+    (else ignored: the prefix pass's backward runs outside a DeepSpeed engine)."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each rollout batch. 1 with one minibatch = strictly on-policy: the ratio is exactly 1,
     so the "old" log-prob forward is skipped (the update's own forward, detached, is used)."""
@@ -174,9 +177,9 @@ class Config(StageConfig):
                              "(pip install vllm on a CUDA machine), or use 'hf'")
         if self.rollout_engine == "vllm" and self.device == "cpu":
             raise ValueError("rollout_engine: 'vllm' runs on a GPU, but device is 'cpu'; use 'hf'")
-        if self.engine.kind == "deepspeed":
-            raise ValueError("engine.kind: 'deepspeed' is not available in the RL stage yet (only SFT runs on "
-                             "DeepSpeed ranks); use 'torch', with or without engine.lora")
+        if self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3:
+            raise ValueError("engine.deepspeed.zero_stage: 3 is not available in the RL stage yet (SFT has it); "
+                             "use 2")
         zero3_ranks = self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3 \
             and self.engine.num_processes > 1
         if self.rollout_engine == "vllm" and zero3_ranks:

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from transformers import AutoConfig
 
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
 from stages.common.contracts import Problem, load_split, problems_from
+from stages.common.engine import launch_ranks
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import episode_metrics
-from stages.common.model import resolve_device, seed_everything
+from stages.common.model import load_tokenizer, resolve_device, seed_everything
 from stages.common.rollout_engines import RolloutEngine, make_engine
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import (
@@ -28,6 +32,7 @@ from stages.common.tracking import (
     fetch_verified,
     log_artifact,
     log_model,
+    write_json_atomic,
 )
 from stages.rl import checkpoint
 from stages.rl.batch import Batch, collate, forward_slots, micro_batches, padding_share, step_problems
@@ -53,6 +58,7 @@ from stages.rl.models import (
     score,
     supports_shared_prefix,
 )
+from stages.rl.ranks import Ranks
 from stages.rl.rewards import episode_return, group_plausible_distinct
 
 log = logging.getLogger("ufo.rl")
@@ -61,58 +67,113 @@ log = logging.getLogger("ufo.rl")
 def train(config: Config, ctx: StageContext) -> Output:
     if config.data is None or config.sft is None:
         raise ConfigError("rl.data and rl.sft: the curate and SFT stages' Outputs are required (the flow sets them)")
-    set_cpu_threads()
+    problems_path = fetch_dataset(config.data.artifact("train"), ctx.workdir / "in", name="train", context="training")
+    model_dir = fetch_verified(config.sft.artifact("model"), ctx.workdir / "in")
+    tokenizer = load_tokenizer(model_dir)
+    _check_lengths(config, ChatFormat(tokenizer, config.feedback), problems_from(load_split(problems_path)),
+                   int(AutoConfig.from_pretrained(model_dir).max_position_embeddings))
+    resume = _resume(config, ctx)
+    out_dir = ctx.workdir / "out"
+    if config.engine.kind == "torch":
+        set_cpu_threads()
+        result = fit(config, problems_path, model_dir, resume and resume.folder, ctx.run_id, out_dir,
+                     lambda m, step: mlflow.log_metrics(m, step=step))
+    else:
+        result = _fit_on_ranks(config, ctx, problems_path, model_dir, resume, out_dir)
+    return _finish(config, result, out_dir, ctx)
+
+
+def fit(config: Config, problems_path: Path, model_dir: Path, resume_folder: Path | None, run_id: str,
+        out_dir: Path, log_metrics: Callable[[dict[str, float], int], None]) -> dict:
+    """The training loop, in the stage process (engine.kind=torch) or on every rank the stage launched
+    (deepspeed; see stages/rl/ranks.py for how a step is shared). Rank 0 logs each step's metrics through
+    `log_metrics`, saves the checkpoints into run `run_id` and writes the merged model to out_dir/model.
+    `resume_folder`: a fetched checkpoint to continue from (`_resume`), or None.
+
+    Returns (the same on every rank) {"history": per-step metrics, "first_step", "seconds"}.
+    """
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    problems = problems_from(load_split(fetch_dataset(config.data.artifact("train"), ctx.workdir / "in", name="train",
-                                                      context="training")))
-    model_dir = fetch_verified(config.sft.artifact("model"), ctx.workdir / "in")
+    problems = problems_from(load_split(problems_path))
     models = build_models(config, model_dir, device)
+    ranks = Ranks.of(models.policy_engine)
     fmt = ChatFormat(models.tokenizer, config.feedback)
-    _check_lengths(config, fmt, problems, models.hf_policy)
     engine = make_engine(config.rollout_engine, models.hf_policy, eos_id=fmt.eos_id, pad_id=fmt.pad_id,
                          batch_size=config.rollout_batch_size, model_path=model_dir,
                          max_model_len=config.max_episode_tokens, seed=config.seed,
                          gpu_memory_utilization=config.vllm_gpu_memory_utilization,
                          lora_rank=config.engine.lora.r if config.engine.lora is not None else None)
-    first_step, history = _resume(config, models, ctx)
+    first_step, history = 1, []
+    if resume_folder is not None:
+        step, history = checkpoint.restore_checkpoint(models, resume_folder)
+        first_step = step + 1
+        engine.sync_weights(models.policy_engine)
     t_start = time.time()
     for step in range(first_step, config.steps + 1):
         # 1-4. rollout -> reward -> advantage -> update
-        metrics = train_step(config, step, models, engine, fmt, problems, device)
+        metrics = train_step(config, step, models, engine, fmt, problems, device, ranks)
         # 5. log
-        mlflow.log_metrics(metrics, step=step)
+        if ranks.main:
+            log_metrics(metrics, step)
         history.append({"step": step, **metrics})
-        if step % 10 == 0 or step == first_step:
+        if ranks.main and (step % 10 == 0 or step == first_step):
             log.info("step %d reward %.3f succ@1 %.3f succ@%d %.3f kl %.4f (%.2fs)", step,
                      metrics["rollout/reward_mean"], metrics["rollout/succ_at_1"], config.max_turns,
                      metrics[f"rollout/succ_at_{config.max_turns}"], metrics["loss/kl"], metrics["perf/step_seconds"])
-        # 6. checkpoint
+        # 6. checkpoint (a collective under DeepSpeed: every rank writes its optimizer partition)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
             t0 = time.time()
             checkpoint.save_checkpoint(models, step, step * config.problems_per_step, history,
-                                       ctx.workdir / "checkpoints", ctx.run_id)
-            mlflow.log_metric("perf/checkpoint_seconds", time.time() - t0, step=step)
-    return _finish(config, models, history, first_step, time.time() - t_start, ctx)
+                                       out_dir / "checkpoints", run_id, ranks)
+            if ranks.main:
+                log_metrics({"perf/checkpoint_seconds": time.time() - t0}, step)
+    seconds = time.time() - t_start
+    # A plain transformers folder (LoRA adapters merged by peft); a collective under ZeRO-3.
+    models.policy_engine.export(models.tokenizer, out_dir / "model")
+    ranks.barrier()
+    return {"history": history, "first_step": first_step, "seconds": seconds}
+
+
+def _fit_on_ranks(config: Config, ctx: StageContext, problems_path: Path, model_dir: Path,
+                  resume: checkpoint.Resume | None, out_dir: Path) -> dict:
+    """Launch engine.num_processes ranks of `stages.rl.rank` and wait; rank 0 leaves result.json."""
+    job = ctx.workdir / "job"
+    write_json_atomic(job / "job.json", {
+        "config": config.model_dump(mode="json"), "problems": str(problems_path), "model_dir": str(model_dir),
+        "resume": str(resume.folder) if resume is not None else None, "run_id": ctx.run_id, "out_dir": str(out_dir)})
+    log.info("launching %d rank(s) with %s", config.engine.num_processes, config.engine.launcher)
+    code = launch_ranks(config.engine, "stages.rl.rank", [str(job / "job.json")])
+    result = job / "result.json"
+    if code != 0 or not result.is_file():
+        raise RuntimeError(f"rl ranks failed (launcher exit code {code}); see the ranks' output above")
+    return json.loads(result.read_text())
 
 
 def train_step(config: Config, step: int, models: Models, engine: RolloutEngine, fmt: ChatFormat,
-               problems: list[Problem], device: torch.device) -> dict[str, float]:
-    """One RL step, phase by phase; returns its metrics (perf/<phase>_seconds for each phase)."""
+               problems: list[Problem], device: torch.device, ranks: Ranks | None = None) -> dict[str, float]:
+    """One RL step, phase by phase; returns its metrics (perf/<phase>_seconds for each phase).
+
+    With several ranks, rank 0 rolls out and every rank scores and trains on its share (stages/rl/ranks.py).
+    """
+    ranks = ranks or Ranks()
     timer = PhaseTimer()
     # 1. rollout
     with timer("rollout"):
         models.train(False)
-        episodes = rollout(None, fmt, step_problems(problems, config.seed, step, config.problems_per_step),
-                           group_size=config.group_size, max_turns=config.max_turns,
-                           temperature=config.temperature, max_new_tokens=config.max_new_tokens, engine=engine)
+        episodes = None
+        if ranks.main or ranks.lockstep_forwards:
+            episodes = rollout(None, fmt, step_problems(problems, config.seed, step, config.problems_per_step),
+                               group_size=config.group_size, max_turns=config.max_turns,
+                               temperature=config.temperature, max_new_tokens=config.max_new_tokens, engine=engine)
+        episodes = ranks.share_rollout(episodes)
     # 2. reward (answers were graded during the rollout: the feedback depends on it), rollout filter
     with timer("reward"):
         all_returns = episode_returns(episodes, config)  # [P*G]
         kept = keep_spread_groups(all_returns.view(config.problems_per_step, config.group_size),
                                   config.rollout_filter_fraction)  # [K]
         rows = (kept[:, None] * config.group_size + torch.arange(config.group_size)).flatten()  # [K*G]
-        shared = config.shared_prefix and supports_shared_prefix(models.policy)
+        # The prefix pass's backward runs outside the training engine: plain torch only.
+        shared = config.shared_prefix and supports_shared_prefix(models.policy) and config.engine.kind == "torch"
         batch = collate([episodes[i] for i in rows.tolist()], fmt.pad_id, shared_prefix=shared)
         returns = all_returns[rows]  # [K*G]
         chunks = micro_batches(batch.lengths, torch.arange(len(batch)), config.micro_batch_tokens,
@@ -123,22 +184,22 @@ def train_step(config: Config, step: int, models: Models, engine: RolloutEngine,
             with models.reference_model() as reference:  # a frozen copy, or the LoRA base (adapter off)
                 batch.ref_logprobs = forward_all(
                     reference, lambda mb, kv: score(reference, mb, config.temperature, kv=kv).logprobs,
-                    batch, chunks, device)
+                    batch, chunks, device, ranks)
     with timer("old_forward"):
         if not config.skips_old_forward:
             batch.old_logprobs = forward_all(
                 models.policy, lambda mb, kv: score(models.policy, mb, config.temperature, kv=kv).logprobs,
-                batch, chunks, device)
+                batch, chunks, device, ranks)
     with timer("value_forward"):
         if models.critic is not None:
             batch.old_values = forward_all(models.value_prefix_model, lambda mb, kv: critic_values(models, mb, kv),
-                                           batch, chunks, device)
+                                           batch, chunks, device, ranks)
     # 3. advantage
     with timer("advantage"):
         adv_stats = assign_advantages(batch, returns, config)
     # 4. update
     with timer("update"):
-        update_stats = update(models, batch, config, device)
+        update_stats = update(models, batch, config, device, ranks)
         engine.sync_weights(models.policy_engine)
     return update_stats | adv_stats | step_metrics(episodes, all_returns, batch, chunks, config) | timer.metrics() \
         | telemetry(models, episodes, timer)
@@ -159,15 +220,18 @@ def episode_returns(episodes: list[Episode], cfg: Config) -> torch.Tensor:
 
 @torch.no_grad()
 def forward_all(model: torch.nn.Module, fn: Callable[[Batch, PrefixKV | None], torch.Tensor], batch: Batch,
-                chunks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+                chunks: list[torch.Tensor], device: torch.device, ranks: Ranks | None = None) -> torch.Tensor:
     """fn over every micro-batch (after `model` ran the shared prefixes once), reassembled into one
-    [B, L] CPU tensor in batch order."""
+    [B, L] CPU tensor in batch order. With several ranks each scores its share of the micro-batches and
+    the rows are summed over ranks (every row from exactly one rank: exact)."""
+    ranks = ranks or Ranks()
     kv = prefix_kv(model, batch) if batch.has_prefix else None
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)  # [B, L]
-    for idx in chunks:
+    for idx, weight in ranks.deal(chunks, pad=ranks.lockstep_forwards):
         res = fn(batch.rows(idx, device), kv)  # [b, l]
-        out[idx, : res.shape[1]] = res.float().cpu()
-    return out
+        if weight:
+            out[idx, : res.shape[1]] = res.float().cpu()
+    return ranks.sum(out)
 
 
 def assign_advantages(batch: Batch, returns: torch.Tensor, cfg: Config) -> dict[str, float]:
@@ -199,14 +263,19 @@ def assign_advantages(batch: Batch, returns: torch.Tensor, cfg: Config) -> dict[
     }
 
 
-def update(models: Models, batch: Batch, cfg: Config, device: torch.device) -> dict[str, float]:
+def update(models: Models, batch: Batch, cfg: Config, device: torch.device,
+           ranks: Ranks | None = None) -> dict[str, float]:
     """ppo_epochs passes of minibatch optimizer steps, each accumulated over length-bucketed micro-batches.
 
     Each micro-batch's loss is its token mean weighted by its share of the minibatch's generated
     tokens, so the accumulated gradient is that of the minibatch's token mean, however it is cut.
     Shared prefixes run once per minibatch: the micro-batches' gradients with respect to their keys/
     values accumulate on detached copies, then flow back through the prefix pass in one backward.
+    With several ranks, each takes its share of the micro-batches (the same number on every rank, topped
+    up with weight-0 repeats) and the weights are shares of the whole minibatch, so the gradients that
+    DeepSpeed reduces add up to the one-process gradient.
     """
+    ranks = ranks or Ranks()
     models.train(True)
     totals: dict[str, float] = defaultdict(float)
     num_steps = 0
@@ -217,14 +286,20 @@ def update(models: Models, batch: Batch, cfg: Config, device: torch.device) -> d
             idx = order[start:start + cfg.minibatch_size]
             tokens = batch.response_mask[idx].sum().clamp(min=1)
             prefixes = _PrefixGrads(models, batch)
-            for chunk in micro_batches(batch.lengths, idx, cfg.micro_batch_tokens, cfg.micro_batch_call_cost):
+            chunks = micro_batches(batch.lengths, idx, cfg.micro_batch_tokens, cfg.micro_batch_call_cost)
+            mine = ranks.deal(chunks, pad=True)
+            models.expect_backwards(len(mine))
+            shares: dict[str, float] = defaultdict(float)
+            for chunk, use in mine:
                 mb = batch.rows(chunk, device)
-                weight = float(mb.response_mask.sum() / tokens)
+                weight = use * float(mb.response_mask.sum() / tokens)
                 actor, critic, stats = micro_batch_loss(models, mb, cfg, prefixes.policy, prefixes.critic)
                 models.backward(actor * weight, critic * weight if critic is not None else None)
                 for k, v in stats.items():
-                    totals[k] += float(v) * weight
+                    shares[k] += float(v) * weight
             prefixes.backward()
+            for k, v in ranks.sum_values(dict(shares)).items():
+                totals[k] += v
             for k, v in models.step().items():
                 totals[k] += v
             num_steps += 1
@@ -339,46 +414,42 @@ class PhaseTimer:
 # --- start and end -------------------------------------------------------------------------------
 
 
-def _resume(config: Config, models: Models, ctx: StageContext) -> tuple[int, list[dict[str, float]]]:
-    """Tag this run with its resume key; continue from the newest matching checkpoint if there is one.
-
-    Returns (first step to run, metric history so far). The history is logged again into this run, so
-    its curves are complete.
-    """
+def _resume(config: Config, ctx: StageContext) -> checkpoint.Resume | None:
+    """Tag this run with its resume key; fetch the newest matching checkpoint if there is one, and log its
+    metric history into this run again, so that the run's curves are complete."""
     run = mlflow.active_run()
-    found = checkpoint.fetch_resume_point(config, run.info.run_id, run.info.experiment_id, ctx.workdir)
+    found = checkpoint.fetch_resume_point(config, ctx.run_id, run.info.experiment_id, ctx.workdir)
     if found is None:
-        return 1, []
-    step, history = checkpoint.restore_checkpoint(models, found.folder)
-    log.info("resuming from run %s at step %d (of %d)", found.run_id, step, config.steps)
-    mlflow.set_tag(checkpoint.TAG_RESUMED_FROM, f"{found.run_id}@step-{step}")
+        return None
+    log.info("resuming from run %s at step %d (of %d)", found.run_id, found.step, config.steps)
+    mlflow.set_tag(checkpoint.TAG_RESUMED_FROM, f"{found.run_id}@step-{found.step}")
     now = int(time.time() * 1000)
+    history = checkpoint.read_history(found.folder)
     old = [Metric(k, v, now, int(h["step"])) for h in history for k, v in h.items() if k != "step"]
     for i in range(0, len(old), 1000):  # MLflow's log_batch takes at most 1000 metrics
-        MlflowClient().log_batch(run.info.run_id, metrics=old[i:i + 1000])
-    return step + 1, history
+        MlflowClient().log_batch(ctx.run_id, metrics=old[i:i + 1000])
+    return found
 
 
-def _finish(config: Config, models: Models, history: list[dict[str, float]], first_step: int, seconds: float,
-            ctx: StageContext) -> Output:
-    last = history[-10:]
+def _finish(config: Config, result: dict, out_dir: Path, ctx: StageContext) -> Output:
+    last = result["history"][-10:]
     summary = {
         "rl/steps": float(config.steps),
-        "rl/resumed_at_step": float(first_step - 1),
+        "rl/resumed_at_step": float(result["first_step"] - 1),
         "rl/train_reward_last10": sum(h["rollout/reward_mean"] for h in last) / max(1, len(last)),
-        "perf/train_seconds": seconds,
+        "perf/train_seconds": result["seconds"],
     }
     mlflow.log_metrics(summary)
-    # A plain transformers folder: LoRA adapters merged into the base weights by peft.
-    model_ref = log_artifact(models.policy_engine.export(models.tokenizer, ctx.workdir / "model"), "model")
+    # A plain transformers folder (LoRA adapters merged by peft), written by `fit` (rank 0 under DeepSpeed).
+    model_ref = log_artifact(out_dir / "model", "model")
     card = (f"UFO multi-turn RL with unary feedback (stages/rl), MLflow run {ctx.run_id}: {config.algorithm}, "
             f"{config.steps} steps, T = {config.max_turns}, gamma = {config.gamma}, "
             f"lambda = {config.repetition_penalty}, feedback {config.feedback!r}.")
-    artifacts = {"model": model_ref, MLFLOW_MODEL_ARTIFACT: log_model(ctx.workdir / "model", name="rl", description=card)}
+    artifacts = {"model": model_ref, MLFLOW_MODEL_ARTIFACT: log_model(out_dir / "model", name="rl", description=card)}
     return Output(run_id=ctx.run_id, artifacts=artifacts, metrics=summary)
 
 
-def _check_lengths(cfg: Config, fmt: ChatFormat, problems, model) -> None:
+def _check_lengths(cfg: Config, fmt: ChatFormat, problems, max_positions: int) -> None:
     """Fail early, naming the field or row, rather than truncate an episode mid-training."""
     if len(fmt.feedback_ids) > cfg.max_feedback_tokens:
         raise ConfigError(f"rl.max_feedback_tokens: the feedback turn takes {len(fmt.feedback_ids)} tokens "
@@ -387,7 +458,7 @@ def _check_lengths(cfg: Config, fmt: ChatFormat, problems, model) -> None:
         if len(fmt.prompt_ids(p.question)) > cfg.max_prompt_tokens:
             raise ConfigError(f"rl.max_prompt_tokens: row {p.id} has a {len(fmt.prompt_ids(p.question))}-token "
                               f"prompt, more than {cfg.max_prompt_tokens}")
-    limit = int(model.config.max_position_embeddings)
+    limit = max_positions
     if cfg.max_episode_tokens > limit:
         raise ConfigError(f"rl.max_turns: an episode can take {cfg.max_episode_tokens} tokens, more than the "
                           f"model's {limit} positions")
