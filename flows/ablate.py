@@ -180,7 +180,7 @@ def _flow():
             plots = rep.make_plots(results, comparisons, T)
             notes = [f"Seeds {suite.seeds} pooled: each problem counts once per seed; the bootstrap resamples "
                      "problems (a problem's outcomes over all seeds move together). The intervals do not "
-                     "include training-seed variance beyond these seeds."]
+                     "include training-seed variance beyond these seeds.", *paper_findings(flat, T)]
             html = rep.build_html(results, comparisons, max_turns=T, plots=plots,
                                   title=f"UFO ablation: {Path(suite_path).name}",
                                   meta={"ablation run": pid, "arms": "; ".join(f"{a}: {', '.join(o) or 'base'}"
@@ -191,7 +191,7 @@ def _flow():
                 (workdir / name).write_bytes(png)
                 client.log_artifact(pid, str(workdir / name), "report")
             summary = {"ablation_run_id": pid, "experiment": first.experiment, "tracking_uri": tracking_uri(),
-                       "arm_runs": arm_runs, "metrics": headline}
+                       "arm_runs": arm_runs, "metrics": headline, "findings": paper_findings(flat, T)}
             write_json_atomic(workdir / "summary.json", summary)
         except BaseException as err:
             status = "KILLED" if not isinstance(err, Exception) else "FAILED"
@@ -202,6 +202,42 @@ def _flow():
         return summary
 
     return ufo_ablation
+
+
+#: The paper's numbers (arXiv 2507.14295) that the findings are read against.
+PAPER = {"succ_gain": "+14% Succ@5 over single-turn RL's Pass@5",
+         "ear": "effective answer ratio 79.7% -> 92.8% with the repetition penalty",
+         "repeat": "about 70% of single-turn RL's failures repeat the same answer after feedback"}
+
+
+def paper_findings(flat: dict[str, float], max_turns: int) -> list[str]:
+    """Findings 1 and 3 in words, on the test split, both arms evaluated with feedback: UFO vs single-turn
+    RL on Succ@T and the effective answer ratio (paired), and single-turn RL's repeat share, each beside
+    the paper's number. Empty when the suite has no `single_turn` and `ufo` arms (or no such pair)."""
+    def iv(key: str) -> str | None:
+        if key not in flat:
+            return None
+        return f"{flat[key]:+.3f} [{flat[key + '_lo']:+.3f}, {flat[key + '_hi']:+.3f}]"
+
+    def verdict(key: str) -> str:
+        return ("interval above 0" if flat[key + "_lo"] > 0 else
+                "interval below 0" if flat[key + "_hi"] < 0 else "interval includes 0")
+
+    pair = "eval/ufo_vs_single_turn"
+    out = []
+    succ, ear = f"{pair}/succ_at_{max_turns}", f"{pair}/effective_answer_ratio"
+    if iv(succ) is not None:
+        out.append(f"Finding 1 (UFO - single-turn RL, Succ@{max_turns}, both retried with feedback): {iv(succ)}, "
+                   f"{verdict(succ)}. Paper: {PAPER['succ_gain']}.")
+    if iv(ear) is not None:
+        out.append(f"Finding 3 (UFO - single-turn RL, effective answer ratio): {iv(ear)}, {verdict(ear)}. "
+                   f"Paper: {PAPER['ear']}.")
+    rep_key = "eval/single_turn/repeat_share"
+    if rep_key in flat:
+        out.append(f"Single-turn RL's failed episodes that repeat an earlier answer after feedback: "
+                   f"{flat[rep_key]:.3f} [{flat[rep_key + '_lo']:.3f}, {flat[rep_key + '_hi']:.3f}]; UFO's: "
+                   f"{flat.get('eval/ufo/repeat_share', float('nan')):.3f}. Paper: {PAPER['repeat']}.")
+    return out
 
 
 def pd_read(path):

@@ -51,13 +51,27 @@ def _prepare_environment() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def ui_commands() -> list[str]:
+def ui_commands(experiment: str | None = None) -> list[str]:
+    """How to look at the runs: the UI commands and, for `experiment`, the page to open.
+
+    MLflow 3.17's UI shows every experiment in its GenAI mode (traces, judges) unless the URL or the
+    user's toggle says otherwise; it ignores the experiment's `mlflow.experimentKind` tag once its
+    workflow switch is on. `?workflowType=machine_learning` opens the runs table of a training experiment.
+    """
     uri = tracking_uri()
     out = []
     if uri.startswith("sqlite:"):
         out.append(f"mlflow ui --backend-store-uri {uri} --port 5000")
+        base = "http://127.0.0.1:5000"
     else:
         out.append(f"open {uri} (MLFLOW_TRACKING_URI)")
+        base = uri.rstrip("/")
+    if experiment is not None and base.startswith("http"):
+        import mlflow
+
+        exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+        if exp is not None:
+            out.append(f"then {base}/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
     if "PREFECT_API_URL" not in os.environ:
         out.append(f"PREFECT_HOME={workspace() / 'prefect'} prefect server start")
     return out
@@ -171,7 +185,7 @@ def cmd_run(args) -> int:
     if reg := summary.get("registry"):
         print(f"registry: {reg['ufo.registry.model']} version {reg['ufo.registry.version']} "
               f"{reg['ufo.gate.decision']}. {reg['ufo.gate.reason']}")
-    print("Inspect the runs:\n  " + "\n  ".join(ui_commands()))
+    print("Inspect the runs:\n  " + "\n  ".join(ui_commands(summary["experiment"])))
     return 0
 
 
@@ -218,8 +232,10 @@ def cmd_ablate(args) -> int:
         return 1
     print(f"ablation run {summary['ablation_run_id']} (experiment {summary['experiment']}, {summary['tracking_uri']})")
     print("arm runs: " + ", ".join(f"{k} {v}" for k, v in summary["arm_runs"].items()))
+    for line in summary.get("findings", []):
+        print(line)
     print("report: artifact report/ablation.html of the ablation run")
-    print("Inspect the runs:\n  " + "\n  ".join(ui_commands()))
+    print("Inspect the runs:\n  " + "\n  ".join(ui_commands(summary["experiment"])))
     return 0
 
 

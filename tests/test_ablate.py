@@ -10,7 +10,7 @@ import sys
 import mlflow
 import pytest
 
-from flows.ablate import load_suite
+from flows.ablate import load_suite, paper_findings
 from stages.common.config import ConfigError
 from tests.conftest import REPO, find_runs, prefect_states, ufo_env, workspace_tracking_uri
 
@@ -82,3 +82,18 @@ def test_prefect_shows_each_arm_and_seed_as_a_subflow_run(ablation):
     arm_runs = sorted(name for name in flows if name.startswith(("single_turn-seed", "ufo-seed")))
     assert arm_runs == ["single_turn-seed0", "single_turn-seed1", "ufo-seed0", "ufo-seed1"]
     assert all(state == "COMPLETED" for state in flows.values()), flows
+
+
+def test_the_findings_read_the_paired_intervals_beside_the_paper():
+    flat = {"eval/ufo_vs_single_turn/succ_at_5": 0.05, "eval/ufo_vs_single_turn/succ_at_5_lo": 0.01,
+            "eval/ufo_vs_single_turn/succ_at_5_hi": 0.09,
+            "eval/ufo_vs_single_turn/effective_answer_ratio": 0.02,
+            "eval/ufo_vs_single_turn/effective_answer_ratio_lo": -0.01,
+            "eval/ufo_vs_single_turn/effective_answer_ratio_hi": 0.05,
+            "eval/single_turn/repeat_share": 0.7, "eval/single_turn/repeat_share_lo": 0.6,
+            "eval/single_turn/repeat_share_hi": 0.8, "eval/ufo/repeat_share": 0.4}
+    one, three, repeat = paper_findings(flat, 5)
+    assert "Succ@5" in one and "+0.050 [+0.010, +0.090], interval above 0" in one and "+14%" in one
+    assert "+0.020 [-0.010, +0.050], interval includes 0" in three and "92.8%" in three
+    assert "0.700 [0.600, 0.800]" in repeat and "UFO's: 0.400" in repeat and "70%" in repeat
+    assert paper_findings({"eval/ufo/succ_at_5": 0.5}, 5) == []  # a suite without both arms

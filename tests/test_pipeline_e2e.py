@@ -42,6 +42,7 @@ def test_one_pipeline_run_with_four_finished_stage_runs(pipeline, tmp_path):
         for name, ref in out.artifacts.items():
             fetch_verified(ref, tmp_path / stage / name)  # raises on a digest mismatch
     assert "Inspect the runs" in pipeline.stdout and "mlflow ui --backend-store-uri sqlite:///" in pipeline.stdout
+    assert "/#/experiments/" in pipeline.stdout and "?workflowType=machine_learning" in pipeline.stdout
 
 
 def test_every_evaluate_metric_is_logged_and_consistent(pipeline):
