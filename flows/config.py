@@ -157,17 +157,20 @@ class PipelineConfig(StrictModel):
                                      "(to reuse an earlier stage, use `ufo run --from-run RUN_ID --only STAGE`)")
         model = self.sft.model
         # A scratch model's context length is known at load time; a pretrained one's only once loaded.
-        if model.init != "pretrained" and self.rl.max_episode_tokens > model.max_position_embeddings:
+        if not model.pretrained and self.rl.max_episode_tokens > model.max_position_embeddings:
             raise ValueError(
                 f"rl.max_turns: an episode of {self.rl.max_turns} turns can take {self.rl.max_episode_tokens} tokens "
                 f"(rl.max_prompt_tokens + max_turns * (rl.max_new_tokens + 1) + (max_turns - 1) * "
                 f"rl.max_feedback_tokens), more than sft.model.max_position_embeddings = "
                 f"{model.max_position_embeddings}")
-        if self.evaluate.max_turns > self.rl.max_turns and model.init != "pretrained":
+        if self.evaluate.max_turns > self.rl.max_turns and not model.pretrained:
             eval_tokens = self.rl.model_copy(update={"max_turns": self.evaluate.max_turns}).max_episode_tokens
             if eval_tokens > model.max_position_embeddings:
                 raise ValueError(f"evaluate.max_turns: {self.evaluate.max_turns} turns do not fit "
                                  f"sft.model.max_position_embeddings = {model.max_position_embeddings}")
+        if self.evaluate.base and not model.pretrained:
+            raise ValueError("evaluate.base: evaluates the pretrained model SFT started from, but sft.model.init is "
+                             f"{model.init!r} (a model built here has no base worth evaluating)")
         # SFT prepares the model for the conversations it will have: RL's episodes, and evaluation's (a
         # single-turn RL arm, T=1, is still evaluated over T=5 turns with feedback).
         longest = max(self.rl.max_turns, self.evaluate.max_turns)

@@ -47,7 +47,7 @@ def _interrupted(err: BaseException) -> bool:
 #: What the pipeline run shows (the evaluate run has everything): per model and evaluation set, the
 #: paper's metrics with their 95% interval ends.
 #: With the registry gate on, also the current champion's and the paired difference champion - rl.
-HEADLINE = re.compile(r"^eval/(?:[^/]+/)?(sft|rl|champion|champion_vs_rl)/(succ_at_\d+|pass_at_\d+|avg_turns|"
+HEADLINE = re.compile(r"^eval/(?:[^/]+/)?(base|sft|rl|champion|champion_vs_rl|rl_vs_sft|sft_vs_base|rl_vs_base)/(succ_at_\d+|pass_at_\d+|avg_turns|"
                       r"effective_answer_ratio|invalid_rate|greedy_accuracy|repeat_share)(_lo|_hi)?$")
 
 
@@ -62,8 +62,11 @@ def describe_pipeline(cfg: PipelineConfig, outputs: dict[str, StageOutput], metr
              "| stage | MLflow run |", "|---|---|"]
     lines += [f"| {name} | `{out.run_id}` |" for name, out in outputs.items()]
     T = cfg.evaluate.max_turns
-    rows = [(m, f"succ_at_{T}", f"pass_at_{T}", "effective_answer_ratio", "avg_turns") for m in ("sft", "rl")]
-    lines += ["", f"| model | Succ@{T} | Pass@{T} | effective answer ratio | average turns |", "|---|---|---|---|---|"]
+    models = ("base", "sft", "rl") if cfg.evaluate.base else ("sft", "rl")
+    rows = [(m, f"succ_at_{T}", f"pass_at_{T}", "effective_answer_ratio", "avg_turns", "repeat_share")
+            for m in models]
+    lines += ["", f"| model | Succ@{T} | Pass@{T} | effective answer ratio | average turns | repeat share |",
+              "|---|---|---|---|---|---|"]
     for model, *names in rows:
         cells = []
         for n in names:

@@ -1,31 +1,83 @@
-"""The tiny chat model's real ChatML template: the feedback is ordinary text, episodes are the template's
+"""Real ChatML templates: the tiny chat model's, and SmolLM2-135M-Instruct's own (its tokenizer and
+template read from the GGUF file `make models` installs, with its default system prompt and with the
+short one configs/smollm2-135m.yaml sets). The feedback is ordinary text, episodes are the template's
 own rendering token for token, and over 5 turns of a real rollout only sampled tokens carry loss."""
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from stages.common.base_model import gguf_path
 from stages.common.chat import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, ChatFormat, Message
+from stages.common.config import ConfigError, read_yaml
 from stages.common.episodes import rollout
 from stages.common.model import build_model
 from stages.common.model_spec import ModelConfig
 from stages.rl.batch import collate
-from tests.conftest import FEEDBACK, multiplication_problems
+from tests.conftest import FEEDBACK, REPO, multiplication_problems
 
 CHAT = ModelConfig(init="scratch_chat", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                    intermediate_size=64, max_position_embeddings=192)
+SMOLLM2 = ModelConfig.model_validate(read_yaml(REPO / "configs" / "smollm2-135m.yaml")["sft"]["model"])
 
 
-@pytest.fixture(scope="module")
-def chat():
-    """A random Qwen2 policy with the locally trained BPE tokenizer: it answers garbage, so episodes run
-    all 5 turns and exercise answers cut off without eos."""
+@functools.cache
+def _smollm2_tokenizer():
+    try:
+        path = gguf_path(SMOLLM2.gguf)
+    except ConfigError as err:
+        pytest.fail(f"{err} (make test installs it; run `make models`)")
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)  # ~3 s: read once
+
+
+def smollm2_tokenizer(chat_template: str | None):
+    """SmolLM2-135M-Instruct's own tokenizer and chat template, from the GGUF file of the package `make test`
+    installs (`make models`); `chat_template` replaces the template as the config does."""
+    tokenizer = copy.deepcopy(_smollm2_tokenizer())
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture(scope="module", params=["tiny_chatml", "smollm2", "smollm2_short_system"])
+def chat(request):
+    """A random policy with a real chat format: it answers garbage, so episodes run all 5 turns and exercise
+    answers cut off without eos. `tiny_chatml`: a Qwen2 policy with the locally trained BPE tokenizer;
+    `smollm2*`: a tiny random Llama over SmolLM2's real 49,152-token vocabulary and template (with its
+    default system prompt, and with the config's short one)."""
     problems = multiplication_problems()
-    texts = [p.question for p in problems] + [p.answer for p in problems]
     torch.manual_seed(0)
-    model, tokenizer = build_model(CHAT, texts, FEEDBACK, torch.device("cpu"))
+    if request.param == "tiny_chatml":
+        texts = [p.question for p in problems] + [p.answer for p in problems]
+        model, tokenizer = build_model(CHAT, texts, FEEDBACK, torch.device("cpu"))
+    else:
+        tokenizer = smollm2_tokenizer(SMOLLM2.chat_template if request.param == "smollm2_short_system" else None)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
     return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems
+
+
+def test_smollm2_template_as_read_from_its_gguf_file():
+    """What the pipeline relies on in SmolLM2's own format: eos `<|im_end|>` (id 2) ends an answer, digits are
+    single tokens, the feedback is ordinary text, and the config's template keeps ChatML with a short system
+    prompt (34 tokens for the prompt of "47*6" with its default system prompt, 24 with the short one)."""
+    tok = smollm2_tokenizer(None)
+    assert (tok.eos_token, tok.eos_token_id) == (IM_END, 2)
+    assert tok.encode("Hello world! 123", add_special_tokens=False) == [19556, 905, 17, 216, 33, 34, 35]
+    fmt, short = ChatFormat(tok, FEEDBACK), ChatFormat(smollm2_tokenizer(SMOLLM2.chat_template), FEEDBACK)
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(fmt.prompt_ids("47*6"))
+    assert tok.decode(short.prompt_ids("47*6")) == (f"{IM_START}system\nAnswer with just the number.{IM_END}\n"
+                                                    f"{IM_START}user\n47*6{IM_END}\n{IM_START}assistant\n")
+    assert (len(fmt.prompt_ids("47*6")), len(short.prompt_ids("47*6"))) == (34, 24)
+    assert fmt.feedback_ids == short.feedback_ids
+    assert tok.decode(fmt.feedback_ids) == f"\n{IM_START}user\n{FEEDBACK}{IM_END}\n{IM_START}assistant\n"
 
 
 def _messages(question: str, replies: list[str]) -> list[dict[str, str]]:
@@ -37,8 +89,10 @@ def _messages(question: str, replies: list[str]) -> list[dict[str, str]]:
     return messages
 
 
-def test_the_feedback_is_ordinary_text_of_a_chatml_user_turn(chat):
-    _, fmt, _ = chat
+def test_the_feedback_is_ordinary_text_of_a_chatml_user_turn():
+    problems = multiplication_problems()
+    texts = [p.question for p in problems] + [p.answer for p in problems]
+    fmt = ChatFormat(build_model(CHAT, texts, FEEDBACK, torch.device("cpu"))[1], FEEDBACK)
     tok = fmt.tokenizer
     assert FEEDBACK not in tok.get_vocab() and len(tok.encode(FEEDBACK)) >= 4
     assert tok.decode(fmt.feedback_ids) == f"\n{IM_START}user\n{FEEDBACK}{IM_END}\n{IM_START}assistant\n"

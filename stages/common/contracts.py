@@ -81,8 +81,14 @@ class CurateOutput(StageOutput):
         return sets
 
 
+#: The SFT Output's artifact naming the pretrained model it started from (absent for a scratch model).
+BASE_MODEL_ARTIFACT = "base_model"
+
+
 class SFTOutput(StageOutput):
-    """Artifacts: `model` (a `save_pretrained` folder: safetensors, tokenizer, chat template)."""
+    """Artifacts: `model` (a `save_pretrained` folder: safetensors, tokenizer, chat template), `mlflow_model`
+    (the same as an MLflow model) and, for a pretrained start, `base_model`: the MLflow model SFT started
+    from (`models:/<id>`, imported once per source; see stages/common/base_model.py)."""
 
     stage: str = "sft"
 

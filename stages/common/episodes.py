@@ -101,4 +101,5 @@ def rollout(model, fmt: ChatFormat, problems: list[Problem], *, group_size: int,
             closing = [] if answer_ids and answer_ids[-1] == fmt.eos_id else [fmt.eos_id]
             pending[i] = closing + fmt.feedback_ids
             contexts[i] = contexts[i] + pending[i]
+    engine.end_rollout()
     return episodes

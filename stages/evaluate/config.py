@@ -28,6 +28,12 @@ class Config(StageConfig):
     """The SFT model to evaluate (set by the flow)."""
     rl: RLOutput | None = None
     """The RL model to evaluate (set by the flow)."""
+    base: bool = False
+    """Also evaluate the model SFT started from (the SFT Output's `base_model`: a pretrained start,
+    imported once into MLflow), as `base`, on the same problems and with the same sampling: where the
+    pipeline started, beside where SFT and RL took it (e.g. the share of failed episodes that repeat an
+    earlier answer after the feedback, before any training). Needs `sft.model.init` `pretrained` or
+    `gguf`. Costs one model's evaluation more; a base model that rambles to `max_new_tokens` costs more."""
     models: dict[str, str] = {}
     """More models to evaluate beside `sft` and `rl`, name -> MLflow model URI: `models:/NAME@ALIAS`,
     `models:/NAME/VERSION`, `runs:/RUN_ID/model` (a `save_pretrained` folder or an MLflow transformers
@@ -80,7 +86,7 @@ class Config(StageConfig):
         if len(set(self.inference)) != len(self.inference):
             raise ValueError(f"inference: {self.inference} lists a condition twice")
         for name in self.models:
-            if name in ("sft", "rl"):
+            if name in ("base", "sft", "rl"):
                 raise ValueError(f"models.{name}: the name is taken by the pipeline's own {name} model")
             if not _NAME.fullmatch(name) or name.endswith("_no_feedback") or "_vs_" in name:
                 raise ValueError(f"models.{name}: a name is letters, digits, '_', '.', '-' (and neither ends "

@@ -13,16 +13,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages.common import report as rep
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
-from stages.common.contracts import EVAL_SET_PREFIX, ArtifactRef, Problem, load_split, problems_from
+from stages.common.contracts import (
+    BASE_MODEL_ARTIFACT,
+    EVAL_SET_PREFIX,
+    ArtifactRef,
+    Problem,
+    load_split,
+    problems_from,
+)
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import EpisodeOutcomes, greedy_terms, multi_turn_terms, pass_at_k_terms
-from stages.common.model import resolve_device, seed_everything
+from stages.common.model import checkpoint_dirs, resolve_device, seed_everything
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import StageContext, fetch_dataset, fetch_verified, log_artifact, sha256_path
 from stages.evaluate.config import Config, Output
@@ -135,26 +141,6 @@ def pick_transcripts(examples: pd.DataFrame, set_name: str, cfg: Config) -> list
 # --- models -----------------------------------------------------------------------------------------------
 
 
-def checkpoint_dirs(folder: Path) -> tuple[Path, Path]:
-    """(model folder, tokenizer folder) of a downloaded model: a `save_pretrained` folder, or an MLflow
-    transformers model (MLmodel + `model/` + `components/tokenizer/`)."""
-    mlmodel = folder / "MLmodel"
-    if mlmodel.is_file():
-        flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("transformers")
-        if flavor is None:
-            raise ConfigError(f"{folder}: an MLflow model without the transformers flavour; log it with "
-                              "mlflow.transformers.log_model")
-        if "model_binary" not in flavor:
-            raise ConfigError(f"{folder}: logged with save_pretrained=False, so it holds no weights, only a "
-                              f"reference to {flavor.get('source_model_name')!r}; evaluate that checkpoint")
-        model_dir = folder / flavor["model_binary"]
-        tokenizer_dir = folder / "components" / "tokenizer"
-        return model_dir, tokenizer_dir if tokenizer_dir.is_dir() else model_dir
-    if (folder / "config.json").is_file():
-        return folder, folder
-    raise ConfigError(f"{folder}: not a transformers checkpoint (neither an MLmodel file nor config.json)")
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     model_dir: Path
@@ -204,8 +190,14 @@ def eval_sets(config: Config, ctx: StageContext) -> dict[str, list[Problem]]:
 def evaluate(config: Config, ctx: StageContext) -> Output:
     if config.data is None:
         raise ConfigError("evaluate.data: the curate stage's Output is required (the flow sets it)")
-    sources: dict[str, ArtifactRef | str] = {
-        name: out.artifact("model") for name, out in (("sft", config.sft), ("rl", config.rl)) if out is not None}
+    sources: dict[str, ArtifactRef | str] = {}
+    if config.base:
+        if config.sft is None or BASE_MODEL_ARTIFACT not in config.sft.artifacts:
+            raise ConfigError("evaluate.base: the SFT Output has no `base_model` (only a pretrained start, "
+                              "sft.model.init 'pretrained' or 'gguf', has one)")
+        sources["base"] = config.sft.artifact(BASE_MODEL_ARTIFACT)
+    sources |= {name: out.artifact("model") for name, out in (("sft", config.sft), ("rl", config.rl))
+                if out is not None}
     sources |= config.models
     if not sources:
         raise ConfigError("evaluate.sft / evaluate.rl / evaluate.models: give at least one model to evaluate")

@@ -125,9 +125,9 @@ class Config(StageConfig):
         if self.warm_start == "stubborn" and self.engine.kind != "torch":
             raise ValueError("warm_start: 'stubborn' runs its continued SFT with the plain torch engine; set "
                              "engine.kind: torch")
-        if self.engine.lora is not None and self.model.init != "pretrained":
+        if self.engine.lora is not None and not self.model.pretrained:
             raise ValueError("engine.lora: adapters on a randomly initialised model learn little; LoRA needs "
-                             "model.init 'pretrained'")
+                             "model.init 'pretrained' or 'gguf'")
         return self
 
     @property

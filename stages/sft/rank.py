@@ -39,7 +39,9 @@ def main(job_path: str) -> int:
         now = int(time.time() * 1000)
         client.log_batch(job["run_id"], metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
-    metrics = fit(config, load_split(job["train"]), load_split(job["val"]), Path(job["out_dir"]), log_metrics)
+    base_dir = Path(job["base_dir"]) if job.get("base_dir") else None
+    metrics = fit(config, load_split(job["train"]), load_split(job["val"]), Path(job["out_dir"]), log_metrics,
+                  base_dir)
     if torch.distributed.get_rank() == 0:
         write_json_atomic(Path(job_path).with_name("result.json"), metrics)
     torch.distributed.barrier()

@@ -21,9 +21,10 @@ import mlflow
 import pandas as pd
 import torch
 
+from stages.common.base_model import import_base_model
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
-from stages.common.contracts import Problem, load_split, problems_from
+from stages.common.contracts import BASE_MODEL_ARTIFACT, Problem, load_split, problems_from
 from stages.common.engine import TrainEngine, build_engine, launch_ranks
 from stages.common.episodes import rollout
 from stages.common.grading import equivalent
@@ -102,9 +103,11 @@ def _from_rank0(value: float, engine: TrainEngine) -> float:
     return box[0]
 
 
-def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: Path, log_metrics: LogFn) -> dict:
+def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: Path, log_metrics: LogFn,
+        base_dir: Path | None = None) -> dict:
     """Train; on rank 0 write the merged model to out_dir/model (and LoRA adapters to out_dir/adapter).
 
+    `base_dir`: a pretrained start's imported copy (stages/common/base_model.py), None for a scratch model.
     Returns the summary metrics (the same on every rank but for the timing; the stage logs rank 0's).
     `log_metrics` is called on rank 0 only.
     """
@@ -114,7 +117,7 @@ def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: P
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     texts = [*train_df.question, *train_df.answer]
-    model, tokenizer = build_model(config.model, texts, config.feedback, device)
+    model, tokenizer = build_model(config.model, texts, config.feedback, device, base_dir)
     fmt = ChatFormat(tokenizer, config.feedback)
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, config.engine, lr=config.lr, weight_decay=config.weight_decay,
@@ -179,13 +182,20 @@ def train(config: Config, ctx: StageContext) -> Output:
         raise ConfigError("sft.data: the curate stage's Output is required (the flow sets it)")
     train_path = fetch_dataset(config.data.artifact("train"), ctx.workdir / "in", name="train", context="training")
     val_path = fetch_dataset(config.data.artifact("val"), ctx.workdir / "in", name="val", context="validation")
+    base_dir, base_ref = None, None
+    if config.model.pretrained:  # imported once into MLflow; trained from (and evaluated as) that copy
+        t0 = time.time()
+        base_dir, base_ref = import_base_model(config.model, ctx.workdir)
+        mlflow.log_metric("perf/base_model_seconds", time.time() - t0)
     if config.engine.kind == "torch":
         metrics = fit(config, load_split(train_path), load_split(val_path), ctx.workdir,
-                      lambda m, step: mlflow.log_metrics(m, step=step))
+                      lambda m, step: mlflow.log_metrics(m, step=step), base_dir)
     else:
-        metrics = _train_on_ranks(config, ctx, train_path, val_path)
+        metrics = _train_on_ranks(config, ctx, train_path, val_path, base_dir)
     mlflow.log_metrics(metrics)
     artifacts = {"model": log_artifact(ctx.workdir / "model", "model")}
+    if base_ref is not None:
+        artifacts[BASE_MODEL_ARTIFACT] = base_ref
     card = (f"UFO SFT warm start (stages/sft), MLflow run {ctx.run_id}: {config.max_steps} steps on the curated "
             f"`train` split, up to {config.max_wrong_attempts} wrong attempts with feedback before the answer.")
     artifacts[MLFLOW_MODEL_ARTIFACT] = log_model(ctx.workdir / "model", name="sft", description=card)
@@ -194,11 +204,13 @@ def train(config: Config, ctx: StageContext) -> Output:
     return Output(run_id=ctx.run_id, artifacts=artifacts, metrics=metrics)
 
 
-def _train_on_ranks(config: Config, ctx: StageContext, train_path: Path, val_path: Path) -> dict:
+def _train_on_ranks(config: Config, ctx: StageContext, train_path: Path, val_path: Path,
+                    base_dir: Path | None) -> dict:
     """Launch engine.num_processes ranks of `stages.sft.rank` and wait; rank 0 leaves result.json."""
     job = ctx.workdir / "job"
     write_json_atomic(job / "job.json", {"config": config.model_dump(mode="json"), "train": str(train_path),
-                                         "val": str(val_path), "run_id": ctx.run_id, "out_dir": str(ctx.workdir)})
+                                         "val": str(val_path), "run_id": ctx.run_id, "out_dir": str(ctx.workdir),
+                                         "base_dir": str(base_dir) if base_dir is not None else None})
     log.info("launching %d rank(s) with %s", config.engine.num_processes, config.engine.launcher)
     code = launch_ranks(config.engine, "stages.sft.rank", [str(job / "job.json")])
     result = job / "result.json"
