@@ -127,10 +127,12 @@ class Config(StageConfig):
     """Clip the global gradient norm of the policy (and of the critic, separately) to this."""
 
     # --- rollouts ---
-    rollout_engine: Literal["hf", "vllm"] = "hf"
-    """`hf`: batched `generate` on the training model (CPU or GPU). `vllm`: a vLLM engine on the GPU, weights
-    pushed after each update (adapter only for LoRA), prefix caching across turns. Refused at load
-    when vLLM is not installed."""
+    rollout_engine: Literal["hf", "paged", "vllm"] = "hf"
+    """`hf`: batched `generate` on the training model (CPU or GPU). `paged`: transformers' continuous
+    batching on the training model (paged KV cache, no padding, finished answers leave the batch, a prefix
+    cache across the turns of a rollout; benchmarks/rollout.py measures it against `hf`). `vllm`: a vLLM
+    engine on the GPU, weights pushed after each update (adapter only for LoRA), prefix caching across
+    turns. Refused at load when vLLM is not installed."""
     rollout_batch_size: int = Field(512, ge=1)
     """hf engine: contexts per `generate` call (KV-cache memory grows with it)."""
     vllm_gpu_memory_utilization: float = Field(0.5, gt=0, lt=1)
