@@ -87,14 +87,15 @@ def main() -> None:
               f"({time.perf_counter() - t0:.0f} s to import); {threads} threads")
     model.eval()
     fmt = ChatFormat(tokenizer, feedback)
-    engines = {kind: make_engine(kind, model, eos_id=fmt.eos_id, pad_id=fmt.pad_id) for kind in ("hf", "paged")}
+    engines = {kind: make_engine(kind, model, eos_id=fmt.eos_id, pad_id=fmt.pad_id)
+               for kind in ("hf", "cached", "paged")}
     probs = problems(args.problems)
     print(f"{len(probs)} problems x {args.group} episodes, T = {args.turns}, <= {args.max_new_tokens} new tokens "
           f"per answer, temperature {args.temperature}")
     rates: dict[str, list[float]] = {k: [] for k in engines}
     gaps: dict[str, float] = {}
     for r in range(args.rounds):
-        order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+        order = list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]  # rotate the order
         for kind in order:
             torch.manual_seed(1000 + r)
             t0 = time.perf_counter()
@@ -111,8 +112,9 @@ def main() -> None:
     for kind in engines:
         print(f"{kind}: median {statistics.median(rates[kind]):.1f} tokens/s; log-probs vs a teacher-forced "
               f"forward: max abs difference {gaps[kind]:.2e}")
-    ratio = statistics.median(rates["paged"]) / statistics.median(rates["hf"])
-    print(f"paged/hf rollout tokens/s ratio: {ratio:.2f}")
+    med = {kind: statistics.median(r) for kind, r in rates.items()}
+    print(f"cached/hf rollout tokens/s ratio: {med['cached'] / med['hf']:.2f}")
+    print(f"paged/hf rollout tokens/s ratio: {med['paged'] / med['hf']:.2f}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class AblationConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> AblationConfig:
         for arm, overrides in self.arms.items():
-            if arm in ("sft",) or "_vs_" in arm or arm.endswith("_no_feedback"):
+            if arm in ("sft", "base") or "_vs_" in arm or arm.endswith("_no_feedback"):
                 raise ValueError(f"arms.{arm}: reserved name")
             for item in overrides:
                 if not item.startswith("rl."):
@@ -59,8 +59,9 @@ class AblationConfig(StrictModel):
                                      "evaluation (put shared settings under `set`)")
         for a, b in self.compare:
             for name in (a, b):
-                if name not in self.arms and name != "sft":
-                    raise ValueError(f"compare: {name!r} is not an arm ({sorted(self.arms)}) nor 'sft'")
+                if name not in self.arms and name not in ("sft", "base"):
+                    raise ValueError(f"compare: {name!r} is not an arm ({sorted(self.arms)}) nor 'sft' or 'base' "
+                                     "(the starting model, with evaluate.base)")
         return self
 
 
@@ -160,7 +161,8 @@ def _flow():
             # Pool the seeds: one row per (problem, seed) per arm and condition; intervals over problems.
             T = first.evaluate.max_turns
             pairs = [(a, b) for a, b in suite.compare]
-            pairs += [(rep.label(m, False), rep.label(m, True)) for m in ["sft", *arms]]
+            starts = ["base", "sft"] if first.evaluate.base else ["sft"]
+            pairs += [(rep.label(m, False), rep.label(m, True)) for m in [*starts, *arms]]
             results, comparisons = [], []
             for set_name in sorted(set(examples[0].set)):
                 pooled = rep.arms_from_examples(examples, set_name, T)
@@ -168,6 +170,8 @@ def _flow():
                 results += rs
                 comparisons += cs
             flat = rep.flat_metrics(results, comparisons)
+            spread = seed_spread(examples, suite.report_set, suite.compare, T)
+            flat |= spread_metrics(spread, suite.report_set)
             headline = {k: v for k, v in flat.items()
                         if k.startswith(f"eval/{suite.report_set}/") or (suite.report_set == "test" and
                                                                          k.count("/") == 2)}
@@ -180,7 +184,8 @@ def _flow():
             plots = rep.make_plots(results, comparisons, T)
             notes = [f"Seeds {suite.seeds} pooled: each problem counts once per seed; the bootstrap resamples "
                      "problems (a problem's outcomes over all seeds move together). The intervals do not "
-                     "include training-seed variance beyond these seeds.", *paper_findings(flat, T)]
+                     "include training-seed variance beyond these seeds: the seed-to-seed spread of each "
+                     "difference is listed beside it.", *paper_findings(flat, T), *spread_lines(spread)]
             html = rep.build_html(results, comparisons, max_turns=T, plots=plots,
                                   title=f"UFO ablation: {Path(suite_path).name}",
                                   meta={"ablation run": pid, "arms": "; ".join(f"{a}: {', '.join(o) or 'base'}"
@@ -191,7 +196,8 @@ def _flow():
                 (workdir / name).write_bytes(png)
                 client.log_artifact(pid, str(workdir / name), "report")
             summary = {"ablation_run_id": pid, "experiment": first.experiment, "tracking_uri": tracking_uri(),
-                       "arm_runs": arm_runs, "metrics": headline, "findings": paper_findings(flat, T)}
+                       "arm_runs": arm_runs, "metrics": headline, "findings": paper_findings(flat, T),
+                       "seed_spread": spread_lines(spread), "per_seed": spread}
             write_json_atomic(workdir / "summary.json", summary)
         except BaseException as err:
             status = "KILLED" if not isinstance(err, Exception) else "FAILED"
@@ -238,6 +244,68 @@ def paper_findings(flat: dict[str, float], max_turns: int) -> list[str]:
                    f"{flat[rep_key]:.3f} [{flat[rep_key + '_lo']:.3f}, {flat[rep_key + '_hi']:.3f}]; UFO's: "
                    f"{flat.get('eval/ufo/repeat_share', float('nan')):.3f}. Paper: {PAPER['repeat']}.")
     return out
+
+
+#: The metrics whose paired differences get a seed-to-seed spread.
+SPREAD_METRICS = ("succ_at_1", "succ_at_{T}", "pass_at_{T}", "effective_answer_ratio", "repeat_share", "avg_turns")
+
+
+def seed_spread(per_seed: list, set_name: str, pairs: list[tuple[str, str]], max_turns: int,
+                ) -> dict[str, dict[str, list[float]]]:
+    """Each compared difference b - a estimated on every seed alone: `{"<b>_vs_<a>": {metric: [per seed]}}`.
+
+    The pooled interval resamples problems only; how far the difference moves when only the training seed
+    changes is what these show (the same problems, the same evaluation sampling seed per seed).
+    """
+    from stages.common import report as rep
+    from stages.common.stats import ratio_of_sums
+
+    metrics = [m.format(T=max_turns) for m in SPREAD_METRICS]
+    out: dict[str, dict[str, list[float]]] = {f"{b}_vs_{a}": {m: [] for m in metrics} for a, b in pairs}
+    for frame in per_seed:
+        arms = {arm.label: arm for arm in rep.arms_from_examples([frame], set_name, max_turns)}
+        for a, b in pairs:
+            for m in metrics:
+                if m in arms[a].terms and m in arms[b].terms:
+                    diff = ratio_of_sums(*arms[b].terms[m]) - ratio_of_sums(*arms[a].terms[m])
+                    out[f"{b}_vs_{a}"][m].append(float(diff))
+    return {pair: {m: v for m, v in by.items() if v} for pair, by in out.items()}
+
+
+def spread_metrics(spread: dict[str, dict[str, list[float]]], set_name: str) -> dict[str, float]:
+    """`eval/<b>_vs_<a>/<metric>_seed_sd` (and `_seed_min`/`_seed_max`) beside the pooled interval."""
+    prefix = "eval/" if set_name == "test" else f"eval/{set_name}/"
+    out = {}
+    for pair, by in spread.items():
+        for m, values in by.items():
+            values = [v for v in values if v == v]  # a seed without e.g. failed episodes has no repeat share
+            if not values:
+                continue
+            out[f"{prefix}{pair}/{m}_seed_min"] = min(values)
+            out[f"{prefix}{pair}/{m}_seed_max"] = max(values)
+            if len(values) > 1:
+                out[f"{prefix}{pair}/{m}_seed_sd"] = _sd(values)
+    return out
+
+
+def _sd(values: list[float]) -> float:
+    """Sample standard deviation (n - 1), nan values left out."""
+    import numpy as np
+
+    v = np.array([x for x in values if x == x], dtype=float)
+    return float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def spread_lines(spread: dict[str, dict[str, list[float]]]) -> list[str]:
+    """One line per compared pair: each metric's per-seed differences and their standard deviation."""
+    lines = []
+    for pair, by in spread.items():
+        cells = []
+        for m, values in by.items():
+            sd = f", sd {_sd(values):.3f}" if len(values) > 1 else ""
+            cells.append(f"{m} " + " / ".join(f"{v:+.3f}" for v in values) + sd)
+        lines.append(f"Seed by seed, {pair.replace('_vs_', ' - ')}: " + "; ".join(cells) + ".")
+    return lines
 
 
 def pd_read(path):

@@ -237,7 +237,7 @@ def cmd_ablate(args) -> int:
         return 1
     print(f"ablation run {summary['ablation_run_id']} (experiment {summary['experiment']}, {summary['tracking_uri']})")
     print("arm runs: " + ", ".join(f"{k} {v}" for k, v in summary["arm_runs"].items()))
-    for line in summary.get("findings", []):
+    for line in [*summary.get("findings", []), *summary.get("seed_spread", [])]:
         print(line)
     print("report: artifact report/ablation.html of the ablation run")
     print("Inspect the runs:\n  " + "\n  ".join(ui_commands(summary["experiment"])))

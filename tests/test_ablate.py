@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import mlflow
+import pandas as pd
 import pytest
 
-from flows.ablate import load_suite, paper_findings
+from flows.ablate import load_suite, paper_findings, seed_spread, spread_lines, spread_metrics
 from stages.common.config import ConfigError
 from tests.conftest import REPO, find_runs, prefect_states, ufo_env, workspace_tracking_uri
 
@@ -97,3 +98,30 @@ def test_the_findings_read_the_paired_intervals_beside_the_paper():
     assert "+0.020 [-0.010, +0.050], interval includes 0" in three and "92.8%" in three
     assert "0.700 [0.600, 0.800]" in repeat and "UFO's: 0.400" in repeat and "70%" in repeat
     assert paper_findings({"eval/ufo/succ_at_5": 0.5}, 5) == []  # a suite without both arms
+
+
+def _frame(seed_outcomes: dict[str, list[int]]) -> pd.DataFrame:
+    """Examples of one seed: per model, the solved turn of each problem's one episode (-1: unsolved, 5 turns)."""
+    rows = []
+    for model, solved in seed_outcomes.items():
+        for i, turn in enumerate(solved):
+            turns = 5 if turn < 0 else turn + 1
+            rows.append({"set": "test", "model": model, "feedback": True, "id": f"p{i}", "episode": 0,
+                         "solved_turn": turn, "num_turns": turns, "num_valid": turns, "num_distinct": turns,
+                         "single_correct": 1, "num_samples": 5, "greedy_correct": 0})
+    return pd.DataFrame(rows)
+
+
+def test_each_difference_gets_its_seed_to_seed_spread():
+    """Seed 0: UFO solves both problems, single-turn RL one (Succ@5 +0.5); seed 1: both solve one (0)."""
+    seeds = [_frame({"single_turn": [0, -1], "ufo": [0, 2]}), _frame({"single_turn": [1, -1], "ufo": [0, -1]})]
+    spread = seed_spread(seeds, "test", [("single_turn", "ufo")], 5)
+    assert spread["ufo_vs_single_turn"]["succ_at_5"] == [0.5, 0.0]
+    assert spread["ufo_vs_single_turn"]["succ_at_1"] == [0.0, 0.5]
+    assert spread["ufo_vs_single_turn"]["avg_turns"] == [-1.0, -0.5]  # (1+3)/2 - (1+5)/2; (1+5)/2 - (2+5)/2
+    flat = spread_metrics(spread, "test")
+    assert flat["eval/ufo_vs_single_turn/succ_at_5_seed_sd"] == pytest.approx(0.5 / 2 ** 0.5)  # stdev of (0.5, 0)
+    assert (flat["eval/ufo_vs_single_turn/succ_at_5_seed_min"], flat["eval/ufo_vs_single_turn/succ_at_5_seed_max"]) \
+        == (0.0, 0.5)
+    (line,) = spread_lines(spread)
+    assert line.startswith("Seed by seed, ufo - single_turn:") and "succ_at_5 +0.500 / +0.000, sd 0.354" in line

@@ -1,6 +1,6 @@
 """Real ChatML templates: the tiny chat model's, and SmolLM2-135M-Instruct's own (its tokenizer and
-template read from the GGUF file `make models` installs, with its default system prompt and with the
-short one configs/smollm2-135m.yaml sets). The feedback is ordinary text, episodes are the template's
+template read from the GGUF file `make models` installs, with its default system prompt and without it,
+as configs/smollm2-135m.yaml sets it). The feedback is ordinary text, episodes are the template's
 own rendering token for token, and over 5 turns of a real rollout only sampled tokens carry loss."""
 
 from __future__ import annotations
@@ -44,19 +44,19 @@ def smollm2_tokenizer(chat_template: str | None):
     return tokenizer
 
 
-@pytest.fixture(scope="module", params=["tiny_chatml", "smollm2", "smollm2_short_system"])
+@pytest.fixture(scope="module", params=["tiny_chatml", "smollm2", "smollm2_no_system"])
 def chat(request):
     """A random policy with a real chat format: it answers garbage, so episodes run all 5 turns and exercise
     answers cut off without eos. `tiny_chatml`: a Qwen2 policy with the locally trained BPE tokenizer;
     `smollm2*`: a tiny random Llama over SmolLM2's real 49,152-token vocabulary and template (with its
-    default system prompt, and with the config's short one)."""
+    default system prompt, and without it as the config has it)."""
     problems = multiplication_problems()
     torch.manual_seed(0)
     if request.param == "tiny_chatml":
         texts = [p.question for p in problems] + [p.answer for p in problems]
         model, tokenizer = build_model(CHAT, texts, FEEDBACK, torch.device("cpu"))
     else:
-        tokenizer = smollm2_tokenizer(SMOLLM2.chat_template if request.param == "smollm2_short_system" else None)
+        tokenizer = smollm2_tokenizer(SMOLLM2.chat_template if request.param == "smollm2_no_system" else None)
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
@@ -66,16 +66,15 @@ def chat(request):
 
 def test_smollm2_template_as_read_from_its_gguf_file():
     """What the pipeline relies on in SmolLM2's own format: eos `<|im_end|>` (id 2) ends an answer, digits are
-    single tokens, the feedback is ordinary text, and the config's template keeps ChatML with a short system
-    prompt (34 tokens for the prompt of "47*6" with its default system prompt, 24 with the short one)."""
+    single tokens, the feedback is ordinary text, and the config's template keeps ChatML without the default
+    system prompt (34 tokens for the prompt of "47*6" with it, 13 without)."""
     tok = smollm2_tokenizer(None)
     assert (tok.eos_token, tok.eos_token_id) == (IM_END, 2)
     assert tok.encode("Hello world! 123", add_special_tokens=False) == [19556, 905, 17, 216, 33, 34, 35]
     fmt, short = ChatFormat(tok, FEEDBACK), ChatFormat(smollm2_tokenizer(SMOLLM2.chat_template), FEEDBACK)
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(fmt.prompt_ids("47*6"))
-    assert tok.decode(short.prompt_ids("47*6")) == (f"{IM_START}system\nAnswer with just the number.{IM_END}\n"
-                                                    f"{IM_START}user\n47*6{IM_END}\n{IM_START}assistant\n")
-    assert (len(fmt.prompt_ids("47*6")), len(short.prompt_ids("47*6"))) == (34, 24)
+    assert tok.decode(short.prompt_ids("47*6")) == f"{IM_START}user\n47*6{IM_END}\n{IM_START}assistant\n"
+    assert (len(fmt.prompt_ids("47*6")), len(short.prompt_ids("47*6"))) == (34, 13)
     assert fmt.feedback_ids == short.feedback_ids
     assert tok.decode(fmt.feedback_ids) == f"\n{IM_START}user\n{FEEDBACK}{IM_END}\n{IM_START}assistant\n"
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from stages import curate, sft
 from stages.common.engine import build_engine
-from stages.common.model import build_model, load_pretrained, save_pretrained
+from stages.common.model import build_model, checkpoint_dirs, load_pretrained, save_pretrained
 from stages.common.model_spec import EngineConfig, LoraConfig, ModelConfig
 from stages.common.tracking import fetch_verified
 from tests.conftest import FEEDBACK, multiplication_problems
@@ -71,7 +71,11 @@ def test_sft_stage_with_lora_logs_a_merged_model_and_the_adapter(module_workspac
                      batch_size=8, lr=1e-2, warmup_steps=0,
                      model=ModelConfig(init="pretrained", name_or_path=str(base_folder)))
     out = sft.run(cfg)
-    assert set(out.artifacts) == {"model", "adapter", "mlflow_model"}
+    # a pretrained start is also logged once as the MLflow model SFT started from (`base_model`)
+    assert set(out.artifacts) == {"model", "adapter", "mlflow_model", "base_model"}
+    base = checkpoint_dirs(fetch_verified(out.artifact("base_model"), tmp_path / "b"))[0]
+    imported, original = load_file(base / "model.safetensors"), load_file(base_folder / "model.safetensors")
+    assert imported.keys() == original.keys() and all(torch.equal(imported[k], original[k]) for k in original)
     merged = fetch_verified(out.artifact("model"), tmp_path / "m")
     adapter = fetch_verified(out.artifact("adapter"), tmp_path / "a")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}

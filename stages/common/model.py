@@ -175,3 +175,38 @@ def save_pretrained(model, tokenizer, path: str | Path) -> Path:
 
 def context_length(model) -> int:
     return int(model.config.max_position_embeddings)
+
+
+#: Causal LMs whose logits are exactly `lm_head(last_hidden_state)` (no soft-capping or scaling after the
+#: head): for them `selected_logits` may run the head on the positions it needs only.
+PLAIN_HEAD_MODELS = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"})
+
+
+def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, lm_head) of a plain-head causal LM, also under a peft wrapper (its LoRA layers live inside
+    the decoder); None for anything else, DeepSpeed engines included (their forward must go through the
+    engine)."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, torch.nn.Module):  # a DeepSpeed engine
+        return None
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(hf).__name__ not in PLAIN_HEAD_MODELS:
+        return None
+    return hf.get_decoder(), hf.get_output_embeddings()
+
+
+def selected_logits(model, inputs: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
+    """Logits [N, V] at the positions `where` [B, W-1] marks (position j predicts token j+1) of a forward
+    over `inputs` (input_ids [B, W] and attention or position ids, or a cache).
+
+    Only the decoder runs on every position; the output head (vocabulary x hidden, 21% of SmolLM2-135M's
+    weights) and the softmax run on the N selected positions: the answer tokens, a tenth of an SFT
+    example and less of an RL episode. Same numbers as `model(**inputs).logits[:, :-1][where]` up to
+    float rounding; models with anything after the head fall back to that.
+    """
+    parts = _decoder_and_head(model)
+    if parts is None:
+        return model(**inputs, use_cache=False).logits[:, :-1][where]
+    decoder, head = parts
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][where]  # [N, H]
+    return head(hidden)

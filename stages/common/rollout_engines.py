@@ -6,6 +6,11 @@ no top-k, top-p or repetition penalty). The trainer then trains on exactly those
 decode -> encode round trip, and can compare the engine's log-probs with its own.
 
 - `hf`: `model.generate` on the training model itself (CPU or GPU); nothing to synchronise.
+- `cached`: a sampling loop of our own on the training model that keeps each episode's keys/values
+  across turns (turn t+1 runs only the tokens added since turn t: the last answer token and the
+  feedback turn), runs each distinct prompt once for its group, and drops an answer from the batch as
+  soon as it ends; `generate` recomputes the whole conversation at every turn and decodes every row of a
+  padded batch until the longest answer ends.
 - `paged`: transformers' continuous batching (`generate_batch`: paged KV cache, finished answers leave
   the batch at once, no padding) on the training model itself, with its prefix cache kept across the
   turns of one rollout, so turn t+1 computes only the tokens added since turn t (the answer and the
@@ -21,6 +26,8 @@ decode -> encode round trip, and can compare the engine's log-probs with its own
 
 from __future__ import annotations
 
+import inspect
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -161,6 +168,188 @@ class HFEngine:
         pass  # nothing cached between calls
 
 
+#: Per decoder layer, one episode's (keys, values) of the tokens computed so far: [kv_heads, n, head_dim].
+EpisodeKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class CachedEngine:
+    """Sampling with each episode's keys/values kept across the turns of a rollout (token ids in and out).
+
+    A context that extends one this engine answered before (the same conversation one turn later: the
+    context, the answer, the closing eos, the feedback turn) starts from that conversation's cached
+    keys/values, so only the new tokens run. Contexts with nothing cached that are identical (the
+    `group_size` episodes of a problem at turn 0, the Pass@k samples of a problem) run once and share
+    the result. Rows of a batch are right-aligned: a row whose new tokens are fewer than the batch's
+    recomputes the tail of its cache instead of being padded in the middle of its real tokens; padding
+    and per-row positions (`position_ids`) keep every row's attention and RoPE exactly its own. An answer
+    that ends (eos or `max_new_tokens`) leaves the batch at once.
+
+    Sampling is logits / temperature and nothing else (greedy at 0), and the log-prob of each sampled id
+    is taken from the very logits it was drawn from, with torch's global generator: a seeded run samples
+    the same answers again. The cache lives until `end_rollout` (the rollout function calls it), so the
+    weights must not change in between. Memory: every episode's keys/values, 2 x layers x kv_heads x
+    head_dim x tokens x 4 bytes (SmolLM2-135M: 46 kB per token, ~1.2 GB for 256 episodes of 100 tokens).
+    Needs a decoder whose layers all attend to the full context (no sliding window); LoRA (peft) applies.
+    """
+
+    name = "cached"
+
+    def __init__(self, model, eos_id: int, pad_id: int, batch_size: int = 512):
+        self.model, self.eos_id, self.pad_id, self.batch_size = model, eos_id, pad_id, batch_size
+        self._kv: dict[int, dict[tuple[int, ...], EpisodeKV]] = {}  # stored length -> conversation -> KV
+
+    def end_rollout(self) -> None:
+        self._kv.clear()
+
+    def sync_weights(self, trainer: TrainEngine) -> None:
+        if trainer.hf_model is not self.model:
+            raise ValueError("the cached engine samples from the policy object it was built with")
+        self.end_rollout()
+
+    def _lookup(self, context: list[int]) -> tuple[EpisodeKV | None, int]:
+        """The cached keys/values of the longest conversation this context extends, and how many of its
+        tokens they cover (one fewer than the conversation: its last token was sampled, never run)."""
+        for length in sorted(self._kv, reverse=True):
+            if length < len(context):
+                kv = self._kv[length].get(tuple(context[:length]))
+                if kv is not None:
+                    return kv, length - 1
+        return None, 0
+
+    @torch.no_grad()
+    def generate(self, contexts: list[list[int]], *, temperature: float, max_new_tokens: int) -> list[Generation]:
+        limit = int(self.model.config.max_position_embeddings)
+        if contexts and max(map(len, contexts)) + max_new_tokens > limit:
+            raise ValueError(f"context of {max(map(len, contexts))} tokens + max_new_tokens {max_new_tokens} "
+                             f"exceeds the model's {limit} positions; lower max_turns/max_new_tokens or enlarge "
+                             "the model")
+        out: list[Generation] = []
+        for start in range(0, len(contexts), self.batch_size):
+            out += self._generate(contexts[start:start + self.batch_size], temperature, max_new_tokens)
+        return out
+
+    def _generate(self, contexts: list[list[int]], temperature: float, max_new_tokens: int) -> list[Generation]:
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        found = [self._lookup(c) for c in contexts]
+        # Distinct (cache, new tokens) pairs run once; rows are copies of their pair's result.
+        unique: dict[tuple, int] = {}
+        row_of = [unique.setdefault((id(kv), tuple(c[n:])), len(unique)) for c, (kv, n) in zip(contexts, found,
+                                                                                               strict=True)]
+        firsts = {u: i for i, u in reversed(list(enumerate(row_of)))}  # first row of each distinct pair
+        heads = [firsts[u] for u in range(len(unique))]
+        # Right-aligned rows: [pad][cached kept][pad][window], the window being the last N tokens to run.
+        news = [len(contexts[i]) - found[i][1] for i in heads]
+        width = max(news)  # N
+        kept = [max(0, found[i][1] - (width - n)) for i, n in zip(heads, news, strict=True)]  # cached tokens kept
+        past = max(kept)  # K
+        layers = len(self._layers())
+        U = len(heads)
+        mask = torch.zeros((U, past + width), dtype=torch.long)  # [U, K+N]
+        window = torch.full((U, width), self.pad_id, dtype=torch.long)  # [U, N]
+        positions = torch.zeros((U, width), dtype=torch.long)  # [U, N]
+        kv_rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for u, i in enumerate(heads):
+            r = kept[u]
+            tokens = contexts[i][r:]  # the window's real tokens (<= N)
+            window[u, width - len(tokens):] = torch.tensor(tokens)
+            positions[u, width - len(tokens):] = torch.arange(r, r + len(tokens))
+            mask[u, past - r:past] = 1
+            mask[u, past + width - len(tokens):] = 1
+            kv_rows.append(found[i][0])
+        if past:
+            data = []
+            for layer in range(layers):
+                some = next(kv[layer] for kv in kv_rows if kv is not None)
+                ks, vs = [], []
+                for u in range(U):
+                    if kv_rows[u] is None:
+                        ks.append(some[0].new_zeros((some[0].shape[0], past, some[0].shape[2])))  # [h, K, d]
+                        vs.append(some[1].new_zeros((some[1].shape[0], past, some[1].shape[2])))
+                        continue
+                    k, v = kv_rows[u][layer]
+                    pad = past - kept[u]
+                    ks.append(torch.nn.functional.pad(k[:, :kept[u]], (0, 0, pad, 0)))  # [h, K, d]
+                    vs.append(torch.nn.functional.pad(v[:, :kept[u]], (0, 0, pad, 0)))
+                data.append((torch.stack(ks).to(device), torch.stack(vs).to(device)))  # [U, h, K, d]
+            cache = DynamicCache(ddp_cache_data=data, config=self._config())
+        else:
+            cache = DynamicCache(config=self._config())
+        logits = self._forward(window.to(device), mask.to(device), positions.to(device), cache)  # [U, V]
+        # Every row from its pair's result.
+        rows = torch.tensor(row_of)
+        if len(contexts) != U:
+            cache.batch_select_indices(rows.to(device))
+            logits, mask = logits[rows.to(device)], mask[rows]
+        mask = mask.to(device)
+        next_pos = torch.tensor([len(c) for c in contexts], device=device)  # [B]
+        answers: list[list[int]] = [[] for _ in contexts]
+        logprobs: list[list[float]] = [[] for _ in contexts]
+        alive = torch.arange(len(contexts))  # batch row -> context index
+        while True:
+            tokens, lps = self._sample(logits, temperature)  # [b], [b]
+            done = []
+            for b, (t, lp) in enumerate(zip(tokens.tolist(), lps.tolist(), strict=True)):
+                i = int(alive[b])
+                answers[i].append(t)
+                logprobs[i].append(lp)
+                if t == self.eos_id or len(answers[i]) == max_new_tokens:
+                    done.append(b)
+            if done:
+                self._store(contexts, answers, alive, cache, mask, done)
+            finished = set(done)
+            keep = [b for b in range(len(alive)) if b not in finished]
+            if not keep:
+                break
+            if done:
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                mask, tokens, alive, next_pos = mask[idx], tokens[idx], alive[idx.cpu()], next_pos[idx]
+            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], dim=1)
+            logits = self._forward(tokens[:, None], mask, next_pos[:, None], cache)
+            next_pos = next_pos + 1
+        return [Generation(a, lp) for a, lp in zip(answers, logprobs, strict=True)]
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """Last position's logits [b, V], the cache extended in place."""
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40)
+        name = "cache" if "cache" in inspect.signature(self._hf().forward).parameters else "past_key_values"
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, logits_to_keep=1, **{name: cache})
+        return out.logits[:, -1].float()
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled ids [b] and their log-probs [b] under logits / temperature (argmax at 0)."""
+        if temperature > 0:
+            logp = torch.log_softmax(logits / temperature, dim=-1)  # [b, V]
+            tokens = torch.multinomial(logp.exp(), 1).squeeze(-1)  # [b]
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            tokens = logits.argmax(dim=-1)
+        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+    def _store(self, contexts, answers, alive, cache, mask, done: list[int]) -> None:
+        """Keep the keys/values of the conversations that just ended a turn: context + answer, all but the
+        last sampled token (never run)."""
+        for b in done:
+            i = int(alive[b])
+            real = mask[b].bool()
+            kv = [(layer.keys[b][:, real].clone(), layer.values[b][:, real].clone()) for layer in cache.layers]
+            conversation = tuple(contexts[i] + answers[i])
+            self._kv.setdefault(len(conversation), {})[conversation] = kv
+
+    def _hf(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _config(self):
+        return self._hf().config
+
+    def _layers(self):
+        return self._hf().model.layers
+
+
 class PagedEngine:
     """transformers' continuous batching (`generate_batch`) on the policy itself, token ids in and out.
 
@@ -184,6 +373,7 @@ class PagedEngine:
     def __init__(self, model, eos_id: int, pad_id: int, page_size: int = 16, max_batch_tokens: int | None = None):
         self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
         self.page_size, self.max_batch_tokens = page_size, max_batch_tokens
+        self._settings: tuple[float, int] | None = None
 
     def _configs(self, temperature: float, max_new_tokens: int, seed: int):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -205,8 +395,19 @@ class PagedEngine:
                              f"model's {limit} positions; lower max_turns/max_new_tokens or enlarge the model")
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
         gen, cb = self._configs(temperature, max_new_tokens, seed)
-        results = self._hf_model().generate_batch(contexts, generation_config=gen, continuous_batching_config=cb,
-                                                  persistent_manager=True, warmup=False)
+        # A persistent manager keeps the generation config it was made with: another temperature or length
+        # needs a new one (and the pages cached for the other are of no use to it anyway).
+        if self._settings != (temperature, max_new_tokens):
+            self.end_rollout()
+        self._settings = (temperature, max_new_tokens)
+        cb_log = logging.getLogger("ContinuousBatchingLogger")
+        level = cb_log.level
+        cb_log.setLevel(logging.ERROR)  # it warns at every call that a persistent manager is kept: we know
+        try:
+            results = self._hf_model().generate_batch(contexts, generation_config=gen, continuous_batching_config=cb,
+                                                      persistent_manager=True, warmup=False)
+        finally:
+            cb_log.setLevel(level)
         out = list(results.values())
         if len(out) != len(contexts) or any(r.error for r in out):
             errors = [r.error for r in out if r.error]
@@ -232,6 +433,7 @@ class PagedEngine:
         model = self._hf_model()
         if getattr(model, "_cached_continuous_batching_manager", None) is not None:
             model.destroy_cached_continuous_batching_manager()
+        self._settings = None
 
 
 class VLLMEngine:
@@ -312,16 +514,18 @@ def _vllm_lora_rank(r: int) -> int:
 def make_engine(kind: str, policy, *, eos_id: int, pad_id: int, batch_size: int = 512, model_path: str | Path | None = None,
                 max_model_len: int = 0, gpu_memory_utilization: float = 0.5, seed: int = 0,
                 lora_rank: int | None = None, synced_gpus: bool = False) -> RolloutEngine:
-    """The engine named by the config (`hf` | `paged` | `vllm`). `policy` is the (peft-wrapped) transformers
+    """The engine named by the config (`hf` | `cached` | `paged` | `vllm`). `policy` is the (peft-wrapped) transformers
     model the hf and paged engines generate with; `model_path` the SFT model's folder vLLM loads (the LoRA
     base)."""
     if kind == "hf":
         return HFEngine(policy, eos_id, pad_id, batch_size, synced_gpus=synced_gpus)
     if kind == "paged":
         return PagedEngine(policy, eos_id, pad_id)
+    if kind == "cached":
+        return CachedEngine(policy, eos_id, pad_id, batch_size)
     if kind == "vllm":
         if model_path is None:
             raise ValueError("the vllm engine loads the policy's weights from a folder: model_path is required")
         return VLLMEngine(model_path, eos_id, max_model_len=max_model_len,
                           gpu_memory_utilization=gpu_memory_utilization, seed=seed, lora_rank=lora_rank)
-    raise ValueError(f"unknown rollout engine {kind!r} (expected 'hf', 'paged' or 'vllm')")
+    raise ValueError(f"unknown rollout engine {kind!r} (expected 'hf', 'cached', 'paged' or 'vllm')")

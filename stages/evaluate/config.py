@@ -65,6 +65,11 @@ class Config(StageConfig):
     """n single-turn samples per problem for Pass@k; must be >= max_turns. Cost grows linearly."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the multi-turn episodes and the single-turn samples."""
+    rollout_engine: Literal["hf", "cached", "paged"] = "hf"
+    """What samples the answers (stages/common/rollout_engines.py): `hf` (`generate`), `cached` (each
+    episode's keys/values kept across turns, each prompt run once for all its samples: far fewer positions
+    run, see benchmarks/rollout.py) or `paged` (transformers' continuous batching). Same protocol and
+    distribution; the samples differ (each draws its random numbers its own way)."""
     max_new_tokens: int = Field(8, ge=1)
     """Most tokens per answer."""
     bootstrap_samples: int = Field(2000, ge=100)

@@ -29,6 +29,7 @@ from stages.common.contracts import (
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import EpisodeOutcomes, greedy_terms, multi_turn_terms, pass_at_k_terms
 from stages.common.model import checkpoint_dirs, resolve_device, seed_everything
+from stages.common.rollout_engines import make_engine
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import StageContext, fetch_dataset, fetch_verified, log_artifact, sha256_path
 from stages.evaluate.config import Config, Output
@@ -65,15 +66,19 @@ def evaluate_model(model, tokenizer, problems: list[Problem], cfg: Config) -> Mo
         fmt = ChatFormat(tokenizer, cfg.feedback if shown else "")
         episodes[shown] = rollout(model, fmt, problems, group_size=cfg.episodes_per_problem,
                                   max_turns=cfg.max_turns, temperature=cfg.temperature,
-                                  max_new_tokens=cfg.max_new_tokens)
+                                  max_new_tokens=cfg.max_new_tokens, engine=_engine(cfg, model, fmt))
     fmt = ChatFormat(tokenizer, cfg.feedback)
     n = cfg.num_samples
     singles = rollout(model, fmt, problems, group_size=n, max_turns=1, temperature=cfg.temperature,
-                      max_new_tokens=cfg.max_new_tokens)
+                      max_new_tokens=cfg.max_new_tokens, engine=_engine(cfg, model, fmt))
     single_correct = np.array([e.solved_turn == 0 for e in singles]).reshape(len(problems), n).sum(axis=1)
     greedy = rollout(model, fmt, problems, group_size=1, max_turns=1, temperature=0.0,
-                     max_new_tokens=cfg.max_new_tokens)
+                     max_new_tokens=cfg.max_new_tokens, engine=_engine(cfg, model, fmt))
     return ModelEval(episodes, single_correct, np.array([e.solved_turn == 0 for e in greedy], dtype=np.int64))
+
+
+def _engine(cfg: Config, model, fmt: ChatFormat):
+    return make_engine(cfg.rollout_engine, model, eos_id=fmt.eos_id, pad_id=fmt.pad_id)
 
 
 def model_arms(name: str, ev: ModelEval, cfg: Config) -> list[rep.Arm]:

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from stages.common.engine import TrainEngine, build_engine
-from stages.common.model import load_pretrained
+from stages.common.model import load_pretrained, selected_logits
 from stages.rl.batch import Batch
 from stages.rl.config import Config
 from stages.rl.losses import entropy_from_logits
@@ -260,9 +260,14 @@ def score(model: nn.Module, mb: Batch, temperature: float, *, entropy: bool = Fa
     Log-softmax runs only at generated positions: at T = 5 most positions are question, feedback or
     padding, and a log-softmax over [B, L, V] would be mostly thrown away.
     """
-    out = model(**_suffix_inputs(model, mb, kv), output_hidden_states=value_head is not None, use_cache=False)
     where = mb.response_mask.bool()  # [B, L]
-    logits = out.logits[:, :-1][where].float() / temperature  # [N, V]
+    vals = None
+    if value_head is None:  # the head on the generated positions only
+        logits = selected_logits(model, _suffix_inputs(model, mb, kv), where).float() / temperature  # [N, V]
+    else:
+        out = model(**_suffix_inputs(model, mb, kv), output_hidden_states=True, use_cache=False)
+        logits = out.logits[:, :-1][where].float() / temperature  # [N, V]
+        vals = value_head(hidden=out.hidden_states[-1])[:, :-1]  # [B, L]
     targets = mb.input_ids[:, 1:][where]  # [N]
     logprobs = torch.zeros(where.shape, dtype=torch.float32, device=logits.device)  # [B, L]
     logprobs[where] = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
@@ -270,7 +275,6 @@ def score(model: nn.Module, mb: Batch, temperature: float, *, entropy: bool = Fa
     if entropy:
         ent = torch.zeros_like(logprobs)  # [B, L]
         ent[where] = entropy_from_logits(logits)
-    vals = value_head(hidden=out.hidden_states[-1])[:, :-1] if value_head is not None else None  # [B, L]
     return Scores(logprobs, ent, vals)
 
 

@@ -11,6 +11,7 @@ import math
 import torch
 
 from stages.common.config import ConfigError
+from stages.common.model import selected_logits
 from stages.sft.config import Config
 
 #: (token ids, loss mask, number of earlier wrong attempts) of one SFT conversation.
@@ -99,7 +100,14 @@ def loss_share(model, forwards: list[dict[str, torch.Tensor]], global_targets: i
     """Summed token cross-entropy of these forwards divided by the target count of the WHOLE step over all
     ranks and micro-batches: the shares add up to the step's mean token loss exactly.
 
-    transformers' loss divides its sum by `num_items_in_batch` when given (the gradient-accumulation fix);
-    `use_cache=False` also lets packed rows be recognised (no cache object in the forward).
+    The head runs on the target positions only (`selected_logits`); `use_cache=False` also lets packed
+    rows be recognised (no cache object in the forward).
     """
-    return sum(model(**f, use_cache=False, num_items_in_batch=global_targets).loss for f in forwards)
+    total = 0.0
+    for f in forwards:
+        labels = f["labels"][:, 1:]  # [B, L-1] what each position predicts
+        where = labels != -100  # [B, L-1]
+        inputs = {k: v for k, v in f.items() if k != "labels"}
+        logits = selected_logits(model, inputs, where).float()  # [N, V]
+        total = total + torch.nn.functional.cross_entropy(logits, labels[where], reduction="sum")
+    return total / global_targets
