@@ -127,8 +127,10 @@ class Config(StageConfig):
     """Clip the global gradient norm of the policy (and of the critic, separately) to this."""
 
     # --- rollouts ---
-    rollout_engine: Literal["hf", "paged", "vllm"] = "hf"
-    """`hf`: batched `generate` on the training model (CPU or GPU). `paged`: transformers' continuous
+    rollout_engine: Literal["hf", "cached", "paged", "vllm"] = "hf"
+    """`hf`: batched `generate` on the training model (CPU or GPU). `cached`: our own sampling loop on the
+    training model that keeps each episode's keys/values across turns, runs each prompt once for its group
+    and drops finished answers from the batch (far fewer positions run than `hf`). `paged`: transformers' continuous
     batching on the training model (paged KV cache, no padding, finished answers leave the batch, a prefix
     cache across the turns of a rollout; benchmarks/rollout.py measures it against `hf`). `vllm`: a vLLM
     engine on the GPU, weights pushed after each update (adapter only for LoRA), prefix caching across
