@@ -96,6 +96,24 @@ def test_the_import_is_logged_once_and_found_again(tiny_gguf, workspace, tmp_pat
     assert sorted(m.tags[TAG_KEY] == logged.tags[TAG_KEY] for m in models) == [False, True]
 
 
+def test_a_pinned_digest_finds_the_imported_copy_on_a_machine_without_the_file(tiny_gguf, workspace, tmp_path):
+    """What a stage container or a work pool's pod does: the config pins the file's sha256, the file is not
+    there, the model an earlier run imported is found and used; without a pin the file is required."""
+    path, _, _ = tiny_gguf
+    copy_ = tmp_path / "copy.gguf"
+    copy_.write_bytes(path.read_bytes())
+    pinned = ModelConfig(init="gguf", gguf=GGUFSource(path=str(copy_), sha256=sha256_file(copy_)), dtype="bfloat16")
+    configure("gguf-pin")
+    with mlflow.start_run():
+        _, first = import_base_model(pinned, tmp_path / "a")
+    copy_.unlink()
+    with mlflow.start_run():
+        folder, again = import_base_model(pinned, tmp_path / "b")
+        assert again == first and (checkpoint_dirs(folder)[0] / "model.safetensors").is_file()
+        with pytest.raises(ConfigError, match="model.gguf.path: .* is not a file"):
+            import_base_model(pinned.model_copy(update={"gguf": GGUFSource(path=str(copy_))}), tmp_path / "c")
+
+
 def test_a_package_data_file_is_found_without_importing_the_package(tiny_gguf, tmp_path, monkeypatch):
     path, _, _ = tiny_gguf
     site = tmp_path / "site"

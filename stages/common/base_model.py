@@ -158,11 +158,19 @@ def find_imported(key: str) -> tuple[str, str] | None:
 def import_base_model(cfg: ModelConfig, workdir: Path) -> tuple[Path, ArtifactRef]:
     """The pretrained start as a local folder downloaded from its MLflow model, and that model's reference.
 
-    Must run inside an active MLflow run (the SFT stage's): a first import is logged there, as model `base`.
+    A GGUF source with a pinned `sha256` is looked up by that digest first, so a machine without the file
+    (a stage container, a work pool's pod) still finds the copy an earlier run imported; the file itself is
+    needed (and checked against the pin) only for the first import. Must run inside an active MLflow run
+    (the SFT stage's): a first import is logged there, as model `base`.
     """
-    digest, description, source = source_digest(cfg)
-    key = import_key(digest, cfg)
-    found = find_imported(key)
+    pinned = cfg.gguf.sha256 if cfg.init == "gguf" else None
+    found = find_imported(import_key(pinned, cfg)) if pinned else None
+    if found is None:
+        digest, description, source = source_digest(cfg)
+        key = import_key(digest, cfg)
+        found = find_imported(key)
+    else:
+        key, description, source = import_key(pinned, cfg), f"gguf:{cfg.gguf.describe()}", None
     if found is not None:
         model_id, sha = found
         ref = ArtifactRef(uri=f"models:/{model_id}", sha256=sha)

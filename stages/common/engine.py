@@ -84,7 +84,11 @@ def wrap_lora(model: nn.Module, spec: EngineConfig) -> nn.Module:
 
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
-    if getattr(model, "is_gradient_checkpointing", False):
+    # transformers 5.x: `is_activation_checkpointing` (the old name warns at every access)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
         model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
     return get_peft_model(model, lora)
 
