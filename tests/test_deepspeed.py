@@ -164,7 +164,7 @@ def test_sigterm_to_the_stage_stops_its_ranks(curated, tmp_path):
         while time.monotonic() < deadline and len(ranks) < 2:
             time.sleep(0.5)
             ranks = [p for p in _descendants(stage.pid)
-                     if "stages.sft.rank" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p)]
+                     if "stages.sft.stage:fit_rank" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p)]
         assert len(ranks) == 2, "the stage did not start 2 ranks"
         everything = _descendants(stage.pid)
         time.sleep(3)  # let the ranks get into training
