@@ -1,5 +1,13 @@
-"""Shared fixtures: an isolated workspace (SQLite MLflow store + artifact folder) per test or module,
-and a tiny character-level tokenizer/model built exactly as the SFT stage builds them."""
+"""Shared fixtures (pytest finds them here; what tests call is in tests/helpers.py):
+
+- workspaces: an isolated SQLite MLflow store + artifact folder per test (`workspace`) or per module
+  (`module_workspace`);
+- the tiny models, built once per session: `tiny` (the character-level Llama) and `tiny_chat` (the Qwen2
+  chat model with its locally trained BPE tokenizer), built exactly as the SFT stage builds them;
+- the upstream Outputs a stage test starts from, logged into the module's workspace: `curated` (the
+  curate stage's synthetic default) and `upstream` (the tiny model as the SFT model, its problems as the
+  train split).
+"""
 
 from __future__ import annotations
 
@@ -7,52 +15,19 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything (set before HF libraries load)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import mlflow
-import pytest
-import torch
-
-from stages.common.chat import ChatFormat, build_char_tokenizer
-from stages.common.episodes import Problem
-from stages.common.model import new_scratch_model
-from stages.common.model_spec import ModelConfig
-
-REPO = Path(__file__).resolve().parents[1]
-# The real data files live beside the repository (never in it); a git worktree or a copy elsewhere
-# finds them through UFO_SHARED_DATA.
-SHARED_DATA = Path(os.environ.get("UFO_SHARED_DATA") or REPO.parent / "shared" / "data")
-FEEDBACK = "Let's try again."
-
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+from pathlib import Path  # noqa: E402
 
-def workspace_tracking_uri(path: Path) -> str:
-    """The SQLite MLflow store that `ufo run` creates in workspace `path` by default."""
-    return f"sqlite:///{path / 'mlflow.db'}"
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-
-def use_workspace(mp: pytest.MonkeyPatch, path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    mp.setenv("UFO_HOME", str(path))
-    mp.setenv("MLFLOW_TRACKING_URI", workspace_tracking_uri(path))
-    return path
-
-
-def ufo_run(workspace: Path, *args: str) -> subprocess.CompletedProcess:
-    """`ufo run ARGS` as a user runs it: workspace `workspace`, its default tracking store."""
-    env = {**os.environ, "UFO_HOME": str(workspace)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
-
-
-def find_runs(filter_string: str) -> list:
-    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string, output_format="list")
+from stages.common.chat import ChatFormat, build_char_tokenizer  # noqa: E402
+from stages.common.contracts import CurateOutput, SFTOutput  # noqa: E402
+from stages.common.episodes import Problem, rollout  # noqa: E402
+from stages.common.model import build_model, new_scratch_model, save_pretrained  # noqa: E402
+from stages.common.model_spec import ModelConfig  # noqa: E402
+from tests.helpers import FEEDBACK, TINY_CHAT, log_upstream, multiplication_problems, use_workspace  # noqa: E402
 
 
 @pytest.fixture
@@ -66,10 +41,6 @@ def module_workspace(tmp_path_factory):
         yield use_workspace(mp, tmp_path_factory.mktemp("ufo"))
 
 
-def multiplication_problems(n: int = 64) -> list[Problem]:
-    return [Problem(f"mul/{a}x{b}", f"{a}*{b}", str(a * b)) for a in range(100, 100 + n) for b in (3,)]
-
-
 @pytest.fixture(scope="session")
 def tiny() -> tuple[torch.nn.Module, ChatFormat, list[Problem]]:
     """A randomly initialised tiny policy: it answers garbage, which exercises every path of an episode
@@ -81,60 +52,40 @@ def tiny() -> tuple[torch.nn.Module, ChatFormat, list[Problem]]:
     return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems
 
 
-MICRO = "tests/configs/micro.yaml"
+@pytest.fixture(scope="session")
+def tiny_chat() -> tuple[torch.nn.Module, ChatFormat, list[Problem]]:
+    """A random Qwen2 policy (`TINY_CHAT`) with the locally trained BPE tokenizer and its ChatML template:
+    it answers garbage, so episodes run all their turns and exercise answers cut off without eos. Its
+    users only read it or take gradients (after zeroing them)."""
+    problems = multiplication_problems()
+    texts = [p.question for p in problems] + [p.answer for p in problems]
+    torch.manual_seed(0)
+    model, tokenizer = build_model(TINY_CHAT, texts, FEEDBACK, torch.device("cpu"))
+    return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems
 
 
-def ufo_env(workspace: Path, **extra: str) -> dict[str, str]:
-    """This process's environment for a `ufo` in `workspace`: its default local stores unless `extra` says."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    return {**env, "UFO_HOME": str(workspace), **extra}
+@pytest.fixture(scope="session")
+def tiny_rollout(tiny, tmp_path_factory) -> tuple[Path, ChatFormat, list]:
+    """`tiny` saved the way the SFT stage saves its model (the folder RL loads), and one rollout of it:
+    4 problems x 4 episodes of up to 3 turns. Read only."""
+    model, fmt, problems = tiny
+    folder = save_pretrained(model, fmt.tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+    torch.manual_seed(3)
+    episodes = rollout(model, fmt, problems[:4], group_size=4, max_turns=3, temperature=1.0, max_new_tokens=6)
+    return folder, fmt, episodes
 
 
-def start_ufo(workspace: Path, *args: str, log: Path, **env: str) -> subprocess.Popen:
-    """`ufo ARGS` in its own session (a terminal's process group: the test may signal all of it),
-    stdout+stderr to `log`."""
-    workspace.mkdir(parents=True, exist_ok=True)
-    out = open(log, "w")  # noqa: SIM115 -- owned by the process, closed by the OS when it exits
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=ufo_env(workspace, **env),
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+@pytest.fixture(scope="module")
+def curated(module_workspace):
+    """The curate stage's synthetic default (3-digit x 1-digit multiplication), in the module's workspace."""
+    from stages import curate
+
+    return curate.run(curate.Config(experiment="curated"))
 
 
-def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Block until `text` appears in `log`; fail (showing the log) if `proc` exits first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"ufo exited ({proc.returncode}) before printing {text!r}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"{text!r} not printed within {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def processes_of(workspace: Path) -> list[tuple[int, str]]:
-    """(pid, command line) of every live process started for `workspace` (they all inherit UFO_HOME)."""
-    marker = f"UFO_HOME={workspace}".encode()
-    found = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            if marker in (proc_dir / "environ").read_bytes().split(b"\0"):
-                state = (proc_dir / "stat").read_text().split(") ")[-1][:1]
-                if state != "Z":  # a zombie is dead, only not yet reaped by its parent
-                    found.append((int(proc_dir.name), (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
-        except OSError:
-            continue
-    return found
-
-
-def prefect_states(workspace: Path) -> dict[str, list[tuple[str, str]]]:
-    """(name, state type) of every flow run and task run in the workspace's Prefect database."""
-    import sqlite3
-
-    db = sqlite3.connect(workspace / "prefect" / "prefect.db")
-    try:
-        return {table: db.execute(f"select name, state_type from {table}").fetchall()
-                for table in ("flow_run", "task_run")}
-    finally:
-        db.close()
+@pytest.fixture(scope="module")
+def upstream(module_workspace, tiny, tmp_path_factory) -> tuple[CurateOutput, SFTOutput]:
+    """What curate and SFT would hand over to RL, logged as they log it but in a second: the `tiny` random
+    model as the SFT model and its 64 problems as the train split, in the module's workspace."""
+    model, fmt, problems = tiny
+    return log_upstream(model, fmt, {"train": problems}, tmp_path_factory.mktemp("upstream"), "upstream")

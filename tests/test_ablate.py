@@ -12,7 +12,7 @@ import pytest
 
 from flows.ablate import load_suite, paper_findings
 from stages.common.config import ConfigError
-from tests.conftest import REPO, find_runs, prefect_states, ufo_env, workspace_tracking_uri
+from tests.helpers import REPO, find_runs, prefect_states, ufo_env, workspace_tracking_uri
 
 SUITE = "tests/configs/ablation-micro.yaml"
 

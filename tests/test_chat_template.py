@@ -6,26 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.common.chat import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, ChatFormat, Message
+from stages.common.chat import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, Message
 from stages.common.episodes import rollout
-from stages.common.model import build_model
-from stages.common.model_spec import ModelConfig
 from stages.rl.batch import collate
-from tests.conftest import FEEDBACK, multiplication_problems
-
-CHAT = ModelConfig(init="scratch_chat", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                   intermediate_size=64, max_position_embeddings=192)
-
-
-@pytest.fixture(scope="module")
-def chat():
-    """A random Qwen2 policy with the locally trained BPE tokenizer: it answers garbage, so episodes run
-    all 5 turns and exercise answers cut off without eos."""
-    problems = multiplication_problems()
-    texts = [p.question for p in problems] + [p.answer for p in problems]
-    torch.manual_seed(0)
-    model, tokenizer = build_model(CHAT, texts, FEEDBACK, torch.device("cpu"))
-    return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems
+from tests.helpers import FEEDBACK
 
 
 def _messages(question: str, replies: list[str]) -> list[dict[str, str]]:
@@ -37,8 +21,8 @@ def _messages(question: str, replies: list[str]) -> list[dict[str, str]]:
     return messages
 
 
-def test_the_feedback_is_ordinary_text_of_a_chatml_user_turn(chat):
-    _, fmt, _ = chat
+def test_the_feedback_is_ordinary_text_of_a_chatml_user_turn(tiny_chat):
+    _, fmt, _ = tiny_chat
     tok = fmt.tokenizer
     assert FEEDBACK not in tok.get_vocab() and len(tok.encode(FEEDBACK)) >= 4
     assert tok.decode(fmt.feedback_ids) == f"\n{IM_START}user\n{FEEDBACK}{IM_END}\n{IM_START}assistant\n"
@@ -50,10 +34,10 @@ def test_the_feedback_is_ordinary_text_of_a_chatml_user_turn(chat):
     assert tok.convert_ids_to_tokens(tok.encode("1234")) == ["1", "2", "3", "4"]
 
 
-def test_five_turn_rollout_masks_on_the_chatml_template(chat):
+def test_five_turn_rollout_masks_on_the_chatml_template(tiny_chat):
     """Question, system and feedback tokens carry zero loss, every generated token carries loss, and the
     ids trained on are the ids sampled; the episode is the template's own rendering of the conversation."""
-    model, fmt, problems = chat
+    model, fmt, problems = tiny_chat
     torch.manual_seed(3)
     episodes = rollout(model, fmt, problems[:6], group_size=2, max_turns=5, temperature=1.0, max_new_tokens=6)
     assert all(e.num_turns == 5 for e in episodes), "a random policy should fail every turn"
@@ -96,8 +80,8 @@ def test_five_turn_rollout_masks_on_the_chatml_template(chat):
         assert targets[i][batch.response_mask[i].bool()].tolist() == sampled
 
 
-def test_sft_chat_mask_trains_assistant_turns_only(chat):
-    _, fmt, _ = chat
+def test_sft_chat_mask_trains_assistant_turns_only(tiny_chat):
+    _, fmt, _ = tiny_chat
     tok = fmt.tokenizer
     messages = [Message("system", "Answer with a number."), Message("user", "12*3"),
                 Message("assistant", "35", train=False), Message("user", FEEDBACK), Message("assistant", "36"),
@@ -112,8 +96,8 @@ def test_sft_chat_mask_trains_assistant_turns_only(chat):
         fmt.chat_ids([Message("user", "a"), Message("user", "b")])
 
 
-def test_ufo_sft_example_is_a_chat_with_the_final_answer_trained(chat):
-    _, fmt, _ = chat
+def test_ufo_sft_example_is_a_chat_with_the_final_answer_trained(tiny_chat):
+    _, fmt, _ = tiny_chat
     ids, mask = fmt.sft_example("123*4", ["55", "7"], "492")
     tok = fmt.tokenizer
     assert tok.decode([t for t, m in zip(ids, mask, strict=True) if m]) == f"492{IM_END}"

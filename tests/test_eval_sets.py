@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tests.conftest import MICRO, SHARED_DATA, find_runs, ufo_run, workspace_tracking_uri
+from tests.helpers import MICRO, SHARED_DATA, find_runs, ufo_run, workspace_tracking_uri
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 

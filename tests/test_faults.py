@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     MICRO,
     REPO,
     find_runs,

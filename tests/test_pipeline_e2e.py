@@ -10,7 +10,7 @@ import pytest
 
 from stages.common.contracts import OUTPUT_TYPES
 from stages.common.tracking import fetch_verified
-from tests.conftest import find_runs, ufo_run, workspace_tracking_uri
+from tests.helpers import find_runs, metric_histories, ufo_run, workspace_tracking_uri
 
 T = 5
 METRICS = [f"succ_at_{k}" for k in range(1, T + 1)] + [f"pass_at_{k}" for k in range(1, T + 1)] + \
@@ -65,8 +65,8 @@ def test_every_evaluate_metric_is_logged_and_consistent(pipeline):
 
 def test_rl_logged_per_step_training_reward(pipeline):
     (rl_run,) = find_runs("tags.`ufo.stage` = 'rl'")
-    history = mlflow.MlflowClient().get_metric_history(rl_run.info.run_id, "rollout/reward_mean")
-    assert [h.step for h in history] == [1, 2, 3, 4]
+    history = metric_histories(rl_run.info.run_id, keys=["rollout/reward_mean"])["rollout/reward_mean"]
+    assert [step for step, _ in history] == [1, 2, 3, 4]
 
 
 def test_stage_output_streams_into_prefect_logs(pipeline):
