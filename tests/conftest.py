@@ -1,12 +1,13 @@
 """Shared fixtures (pytest finds them here; what tests call is in tests/helpers.py):
 
-- workspaces: an isolated SQLite MLflow store + artifact folder per test (`workspace`) or per module
-  (`module_workspace`);
+- workspaces: an isolated SQLite MLflow store + artifact folder per module (`module_workspace`);
 - the tiny models, built once per session: `tiny` (the character-level Llama) and `tiny_chat` (the Qwen2
   chat model with its locally trained BPE tokenizer), built exactly as the SFT stage builds them;
 - the upstream Outputs a stage test starts from, logged into the module's workspace: `curated` (the
   curate stage's synthetic default) and `upstream` (the tiny model as the SFT model, its problems as the
-  train split).
+  train split);
+- `ufo_workspace`: a workspace for a real `ufo run` whose databases exist already, as after a first
+  run (`migrated_stores`, created once per session).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything (s
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -27,18 +30,65 @@ from stages.common.contracts import CurateOutput, SFTOutput  # noqa: E402
 from stages.common.episodes import Problem, rollout  # noqa: E402
 from stages.common.model import build_model, new_scratch_model, save_pretrained  # noqa: E402
 from stages.common.model_spec import ModelConfig  # noqa: E402
-from tests.helpers import FEEDBACK, TINY_CHAT, log_upstream, multiplication_problems, use_workspace  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    FEEDBACK,
+    REPO,
+    TINY_CHAT,
+    log_upstream,
+    multiplication_problems,
+    use_workspace,
+    with_stores,
+    workspace_tracking_uri,
+)
+
+#: The modules that take longest (each runs real `ufo` pipelines; measured with --durations), longest
+#: first. They are collected first, so that under pytest-xdist (`make test` runs two workers, each taking
+#: whole files) the longest module never starts last and leaves the other worker idle.
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_faults.py", "test_ablate.py")
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch) -> Path:
-    return use_workspace(monkeypatch, tmp_path / "ufo")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session")
+def migrated_stores(tmp_path_factory) -> Path:
+    """An MLflow store and a Prefect database with every migration applied (`mlflow.db`,
+    `prefect/prefect.db`): what a workspace holds after its first `ufo run`.
+
+    Creating them is the slowest part of a first run's start on 2 busy cores (MLflow's ~3 s; Prefect's
+    ~8 s of its server's ~14 s), paid again by every test that starts from an empty workspace. Tests whose
+    subject is not that first start take copies (`module_workspace`: the MLflow store; `ufo_workspace`:
+    both); the first start itself stays tested (test_pipeline_e2e.py's pipeline, and in test_faults.py two
+    pipelines at once in a fresh workspace and a SIGTERM while the server starts).
+    """
+    from flows.server import prefect_executable
+
+    root = tmp_path_factory.mktemp("stores")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    create = "import sys, mlflow; mlflow.MlflowClient(tracking_uri=sys.argv[1]).search_experiments()"
+    for cmd, extra in (([sys.executable, "-c", create, workspace_tracking_uri(root)], {}),
+                       ([prefect_executable(), "server", "database", "upgrade", "-y"],
+                        {"PREFECT_HOME": str(root / "prefect"), "DO_NOT_TRACK": "1"})):
+        proc = subprocess.run(cmd, cwd=REPO, env=env | extra, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (root / "mlflow.db").is_file() and (root / "prefect" / "prefect.db").is_file()
+    return root
 
 
 @pytest.fixture(scope="module")
-def module_workspace(tmp_path_factory):
+def module_workspace(tmp_path_factory, migrated_stores):
+    """A workspace for the module's in-process stage runs, its MLflow store already created."""
     with pytest.MonkeyPatch.context() as mp:
-        yield use_workspace(mp, tmp_path_factory.mktemp("ufo"))
+        yield use_workspace(mp, with_stores(tmp_path_factory.mktemp("ufo"), migrated_stores, prefect=False))
+
+
+@pytest.fixture
+def ufo_workspace(tmp_path, migrated_stores) -> Path:
+    """`tmp_path`/ws for a real `ufo run`, its MLflow and Prefect databases already migrated (as after a
+    first run)."""
+    return with_stores(tmp_path / "ws", migrated_stores)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ a test imports this module, never conftest."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,15 @@ def use_workspace(mp: pytest.MonkeyPatch, path: Path) -> Path:
     mp.setenv("UFO_HOME", str(path))
     mp.setenv("MLFLOW_TRACKING_URI", workspace_tracking_uri(path))
     return path
+
+
+def with_stores(workspace: Path, stores: Path, *, prefect: bool = True) -> Path:
+    """`workspace` holding copies of the databases in `stores` (the `migrated_stores` fixture): its MLflow
+    store and, with `prefect`, its Prefect database."""
+    for name in ("mlflow.db", "prefect/prefect.db") if prefect else ("mlflow.db",):
+        (workspace / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(stores / name, workspace / name)
+    return workspace
 
 
 def ufo_env(workspace: Path, **extra: str) -> dict[str, str]:
