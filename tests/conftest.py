@@ -1,6 +1,7 @@
 """Shared fixtures (pytest finds them here; what tests call is in tests/helpers.py):
 
-- workspaces: an isolated SQLite MLflow store + artifact folder per module (`module_workspace`);
+- workspaces: an isolated SQLite MLflow store + artifact folder per test (`workspace`) or per module
+  (`module_workspace`);
 - the tiny models, built once per session: `tiny` (the character-level Llama) and `tiny_chat` (the Qwen2
   chat model with its locally trained BPE tokenizer), built exactly as the SFT stage builds them;
 - the upstream Outputs a stage test starts from, logged into the module's workspace: `curated` (the
@@ -75,6 +76,12 @@ def migrated_stores(tmp_path_factory) -> Path:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (root / "mlflow.db").is_file() and (root / "prefect" / "prefect.db").is_file()
     return root
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, migrated_stores) -> Path:
+    """A workspace of the test's own, its MLflow store already created."""
+    return use_workspace(monkeypatch, with_stores(tmp_path / "ufo", migrated_stores, prefect=False))
 
 
 @pytest.fixture(scope="module")
