@@ -35,9 +35,10 @@ models: $(MODELS_STAMP)
 run: $(STAMP)
 	$(BIN)/ufo run $(CONFIG) $(ARGS)
 
-## Unit, stage and end-to-end tests (tiny budgets); ~15 minutes on 2 cores.
+## Unit, stage and end-to-end tests (tiny budgets), on two pytest-xdist workers that each take whole test
+## files (module fixtures are built once); the longest file, test_pipeline_e2e.py, sets the wall time.
 test: $(STAMP) $(MODELS_STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 ## The four stage images (containers/README.md); needs a Docker engine. BASE_IMAGE=..., TORCH_WHEELS=DIR.
 images: $(STAMP)

@@ -147,7 +147,7 @@ def _in_worker_thread(work, give_up_seconds: float):
         if stop_requested() is not None:
             stop_seen = stop_seen or time.monotonic()
             if time.monotonic() - stop_seen > give_up_seconds:
-                from flows.processes import stop_all
+                from stages.common.processes import stop_all
 
                 stop_all(grace_seconds=1.0)
                 return Terminated(stop_requested())
@@ -205,13 +205,11 @@ def _run_flow(what: str, launcher: str, grace_seconds: float, prepare, flow_call
     anything is created, the local Prefect server started (unless PREFECT_API_URL is set) and stopped
     last, the flow run in a worker thread. Returns the flow's result, or None (printed) if it failed."""
     request_stop_on_signals(signal.SIGINT, signal.SIGTERM)
-    from flows.server import check_tracking, prefect_api  # stdlib only
+    from flows.server import check_tracking, prefect_api, require_tracking_server  # stdlib only
 
     uri = tracking_uri()
     check_tracking(uri)
-    if launcher != "local" and not uri.startswith(("http://", "https://")):
-        raise ConfigError(f"flow.launcher: {launcher} needs an MLflow tracking server that serves "
-                          f"artifacts (MLFLOW_TRACKING_URI=http://...; `ufo stack up` starts one), not {uri}")
+    require_tracking_server(uri, launcher)
     prepared = prepare()  # e.g. --from-run's checks: before any server starts
     check_stop()
     _prepare_environment()

@@ -16,8 +16,9 @@ import os
 from datetime import timedelta
 
 from flows.config import STAGES, PipelineConfig
-from flows.server import check_prefect_api, check_tracking
+from flows.server import check_prefect_api, check_tracking, require_tracking_server
 from stages.common.config import ConfigError, load_config
+from stages.common.processes import stage_env
 from stages.common.workspace import tracking_uri
 
 
@@ -43,13 +44,12 @@ def deploy(cfg: PipelineConfig, pool: str, name: str, cron: str | None, interval
            tracking: str) -> list[str]:
     from prefect.deployments.runner import EntrypointType
 
-    from flows.launchers import FORWARDED_ENV
     from flows.pipeline import ufo_pipeline
     from flows.stage_flow import ufo_stage
 
     pool_type = _pool_type(pool)
     # Where the runs go, for flow runs the scheduler starts with nobody's environment behind them.
-    env = {"MLFLOW_TRACKING_URI": tracking} | {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = stage_env(tracking, inherit=False)
     created = []
     for stage in STAGES:
         dep = ufo_stage.to_deployment(
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                           "(`ufo stack up`, then `source .ufo/stack/env.sh`)")
     check_prefect_api(url)
     tracking = tracking_uri()
-    if not tracking.startswith(("http://", "https://")):
-        raise ConfigError(f"MLFLOW_TRACKING_URI: deployed stages run under a worker and need an MLflow server "
-                          f"that serves artifacts, not {tracking} (`ufo stack up`, then `source .ufo/stack/env.sh`)")
+    require_tracking_server(tracking, "deployment")
     check_tracking(tracking)
     for line in deploy(cfg, args.pool, args.name or cfg.experiment, args.cron, args.interval, tracking):
         print(f"deployed {line}")

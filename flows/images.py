@@ -27,8 +27,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 from flows.cache import code_digest
-from flows.launchers import LABEL_CODE, LABEL_STAGE, REPO_ROOT
+from flows.launchers import LABEL_CODE, LABEL_STAGE
 from stages.common.config import ConfigError
+from stages.common.processes import REPO_ROOT
 
 STAGE_TARGETS = ("curate", "sft", "rl", "evaluate")
 DEFAULT_BASE = "ufo/debian:bookworm"

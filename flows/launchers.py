@@ -3,8 +3,10 @@ deployment on a work pool. Every launcher runs the same command, `python -m stag
 into the MLflow run the flow created for it, and reports how it ended; the flow does the rest (reads
 the Output from MLflow, closes the run if the stage could not, retries).
 
-Each launcher stops what it started on a timeout or an interrupt (SIGTERM, a grace period, SIGKILL),
-whether or not the stage prints anything.
+The launchers differ only in how they start and observe what they started. Watching it, relaying its
+lines, its timeout and its stop on an interrupt (SIGTERM, a grace period, SIGKILL, whether or not the
+stage prints anything) are `stages.common.processes.watch`'s, and how it ended is worded by one
+function here (`_result`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import queue
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,19 +23,26 @@ from typing import Any, Protocol
 
 from flows.cache import code_digest
 from flows.config import FlowConfig
-from flows.processes import spawn, watch
 from flows.resources import Resources, docker_job_variables, docker_run_kwargs, kubernetes_job_variables
+from flows.server import require_tracking_server
 from stages.common.config import ConfigError
-from stages.common.runtime import check_stop
+from stages.common.processes import (
+    REPO_ROOT,
+    Outcome,
+    describe_exit,
+    pump_lines,
+    spawn,
+    stage_args,
+    stage_command,
+    stage_env,
+    watch,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LABEL_STAGE = "ai.ufo.stage"
 LABEL_CODE = "ai.ufo.code-digest"
 LABEL_RUN = "ai.ufo.run-id"
 
 Log = Callable[[str], None]
-#: Settings of this process that a stage in a container or under a worker must see too.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "UFO_THREADS", "UFO_FAILPOINT")
 
 
 @dataclass
@@ -58,8 +63,7 @@ class StageJob:
 
     def args(self) -> list[str]:
         """The stage's command-line arguments (after `python -m stages.<name>`), config inline."""
-        return ["--config-json", json.dumps(self.config), "--run-id", self.run_id,
-                "--parent-run-id", self.parent_run_id]
+        return stage_args(config=self.config, run_id=self.run_id, parent_run_id=self.parent_run_id)
 
 
 @dataclass
@@ -81,19 +85,6 @@ class Launcher(Protocol):
     def launch(self, job: StageJob, log: Log) -> LaunchResult: ...
 
 
-def describe_exit(code: int | None) -> str:
-    """`exited with code 1`, `killed by SIGKILL`; docker reports signals as 128+N."""
-    if code is None:
-        return "did not exit"
-    signum = -code if code < 0 else code - 128 if code > 128 else None
-    if signum:
-        try:
-            return f"killed by {signal.Signals(signum).name} (exit code {code})"
-        except ValueError:
-            pass
-    return f"exited with code {code}"
-
-
 class _Tail:
     """Relays lines to the flow's log and keeps the last few for the error message."""
 
@@ -108,30 +99,14 @@ class _Tail:
             self.log(f"[{self.stage}] {line}")
 
 
-def stage_env() -> dict[str, str]:
-    """The environment of a local stage process: this one's, plus the repository on PYTHONPATH."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see stages/common/runtime.py: prepare_process
-    # Progress bars are noise in a log stream.
-    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    env.setdefault("TQDM_DISABLE", "1")
-    return env
-
-
-def _finish(outcome_code: int | None, timed_out: bool, timeout: float | None, tail: _Tail,
-            oom: str | None = None) -> LaunchResult:
-    if timed_out:
-        failure = f"timed out after {timeout:g} s (flow.<stage>.timeout_seconds) and was stopped"
-    elif oom:
-        failure = oom
-    elif outcome_code == 0:
-        failure = None
-    else:
-        failure = describe_exit(outcome_code)
-    return LaunchResult(outcome_code, failure, list(tail.lines))
+def _result(outcome: Outcome, job: StageJob, tail: list[str], failure: str | None = None) -> LaunchResult:
+    """How the stage ended, in the same words whatever ran it; `failure`: what the launcher saw that an
+    exit code does not say (an OOM kill, a flow run's final state)."""
+    if outcome.timed_out:
+        failure = f"timed out after {job.timeout_seconds:g} s (flow.<stage>.timeout_seconds) and was stopped"
+    elif failure is None and outcome.returncode != 0:
+        failure = describe_exit(outcome.returncode)
+    return LaunchResult(outcome.returncode, failure, tail)
 
 
 class LocalLauncher:
@@ -144,13 +119,38 @@ class LocalLauncher:
         tmp = cfg_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(job.config, indent=2))
         tmp.replace(cfg_path)
-        cmd = [sys.executable, "-m", f"stages.{job.stage}", "--config", str(cfg_path), "--run-id", job.run_id,
-               "--parent-run-id", job.parent_run_id]
+        cmd = stage_command(job.stage, config_file=cfg_path, run_id=job.run_id, parent_run_id=job.parent_run_id)
         log(f"$ {' '.join(cmd)}")
         tail = _Tail(job.stage, log)
-        proc = spawn(cmd, env=stage_env(), cwd=str(REPO_ROOT))
-        outcome = watch(proc, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds)
-        return _finish(outcome.returncode, outcome.timed_out, job.timeout_seconds, tail)
+        child = spawn(cmd, env=stage_env(), cwd=REPO_ROOT)
+        outcome = watch(child, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds)
+        return _result(outcome, job, list(tail.lines))
+
+
+class _Container:
+    """A stage's container as `watch` reads it: its log stream, its state, `docker stop`."""
+
+    def __init__(self, container):
+        self.container = container
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        pump_lines(self._log_chunks(), self.lines, decode=True)
+
+    def _log_chunks(self):
+        yield from self.container.logs(stream=True, follow=True)  # opened in the pump's thread
+
+    def poll(self) -> int | None:
+        self.container.reload()
+        if self.container.status in ("exited", "dead"):
+            return self.container.attrs["State"].get("ExitCode")
+        return None
+
+    def stop(self, grace_seconds: float) -> None:
+        # Docker's own stop is the same rule: SIGTERM, the grace period, SIGKILL.
+        self.container.stop(timeout=int(grace_seconds))
+
+    def oom_killed(self) -> bool:
+        self.container.reload()
+        return bool(self.container.attrs["State"].get("OOMKilled"))
 
 
 class DockerLauncher:
@@ -163,11 +163,7 @@ class DockerLauncher:
     name = "docker"
 
     def __init__(self, flow: FlowConfig, tracking_uri: str):
-        if not tracking_uri.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"flow.launcher: docker runs stages in containers, which cannot reach the tracking store "
-                f"{tracking_uri}; set MLFLOW_TRACKING_URI to an MLflow server that serves artifacts "
-                "(`ufo stack up` starts one)")
+        require_tracking_server(tracking_uri, self.name)
         import docker
 
         self.flow, self.tracking_uri = flow, tracking_uri
@@ -190,69 +186,60 @@ class DockerLauncher:
 
     def launch(self, job: StageJob, log: Log) -> LaunchResult:
         image = self.image(job.stage)
-        env = {"MLFLOW_TRACKING_URI": self.tracking_uri, "PYTHONUNBUFFERED": "1",
-               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-        env |= {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         log(f"$ docker run {image} {job.stage} --run-id {job.run_id}")
         container = self.client.containers.run(
-            image, command=job.args(), detach=True, environment=env, network_mode="host",
-            name=f"ufo-{job.stage}-{job.run_id[:12]}",
+            image, command=job.args(), detach=True, environment=stage_env(self.tracking_uri, inherit=False),
+            network_mode="host", name=f"ufo-{job.stage}-{job.run_id[:12]}",
             labels={LABEL_STAGE: job.stage, LABEL_RUN: job.run_id}, **docker_run_kwargs(job.resources))
-        tail = _Tail(job.stage, log)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, args=(container, lines), daemon=True).start()
-        deadline = None if job.timeout_seconds is None else time.monotonic() + job.timeout_seconds
-        timed_out = False
         try:
-            while True:
-                try:
-                    line = lines.get(timeout=0.5)
-                    if line is not None:
-                        tail(line)
-                except queue.Empty:
-                    pass
-                check_stop()
-                container.reload()
-                if container.status in ("exited", "dead"):
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    timed_out = True
-                    container.stop(timeout=int(job.grace_seconds))
-                    break
-            container.reload()
-            state = container.attrs["State"]
+            handle, tail = _Container(container), _Tail(job.stage, log)
+            outcome = watch(handle, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
+                            poll_seconds=0.5)
             oom = None
-            if state.get("OOMKilled"):
+            if handle.oom_killed():
                 oom = (f"OOM-killed: the container went over its memory limit "
                        f"(flow.{job.stage}.resources.memory = {job.resources.memory})")
-            time.sleep(0.3)  # the log pump's last lines
-            while not lines.empty():
-                line = lines.get_nowait()
-                if line is not None:
-                    tail(line)
-            return _finish(state.get("ExitCode"), timed_out, job.timeout_seconds, tail, oom)
-        except BaseException:  # interrupt: stop the container before the interrupt propagates
-            container.stop(timeout=int(job.grace_seconds))
-            raise
+            return _result(outcome, job, list(tail.lines), oom)
         finally:
             with contextlib.suppress(Exception):
                 container.remove(force=True)
 
-    @staticmethod
-    def _pump(container, lines: queue.Queue) -> None:
-        buf = b""
+
+class _FlowRun:
+    """A deployment's flow run as `watch` reads it: its state (its log stays in Prefect), cancelled to stop."""
+
+    def __init__(self, client, flow_run):
+        self.client, self.flow_run = client, flow_run
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.lines.put(None)
+
+    def poll(self) -> int | None:
+        self.flow_run = self.client.read_flow_run(self.flow_run.id)
+        state = self.flow_run.state
+        if state is None or not state.is_final():
+            return None
+        return 0 if state.is_completed() else 1
+
+    def stop(self, grace_seconds: float) -> None:
+        """Cancel the run: its worker stops the stage (SIGTERM, grace, SIGKILL); wait for it as long."""
+        from prefect.states import Cancelling
+
+        self.client.set_flow_run_state(self.flow_run.id, Cancelling(), force=True)
+        end = time.monotonic() + grace_seconds
+        while self.poll() is None and time.monotonic() < end:
+            time.sleep(1.0)
+
+    def tail(self) -> list[str]:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
         try:
-            for chunk in container.logs(stream=True, follow=True):
-                buf += chunk
-                *done, buf = buf.split(b"\n")
-                for raw in done:
-                    lines.put(raw.decode(errors="replace"))
+            logs = self.client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[self.flow_run.id])))
+            # The stage's own lines ([stage] ...), each cut short: the full log is in Prefect.
+            lines = [line for entry in logs for line in entry.message.splitlines() if line.startswith("[")]
+            return [line[:300] for line in lines[-20:]]
         except Exception:
-            pass
-        finally:
-            if buf:
-                lines.put(buf.decode(errors="replace"))
-            lines.put(None)
+            return []
 
 
 class DeploymentLauncher:
@@ -263,10 +250,7 @@ class DeploymentLauncher:
     name = "deployment"
 
     def __init__(self, flow: FlowConfig, tracking_uri: str):
-        if not tracking_uri.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"flow.launcher: deployment runs stages under a worker, which cannot reach the tracking "
-                f"store {tracking_uri}; set MLFLOW_TRACKING_URI to an MLflow server (`ufo stack up`)")
+        require_tracking_server(tracking_uri, self.name)
         self.flow, self.tracking_uri = flow, tracking_uri
 
     def _job_variables(self, client, job: StageJob, deployment) -> dict[str, Any]:
@@ -274,14 +258,12 @@ class DeploymentLauncher:
         pool_type = client.read_work_pool(deployment.work_pool_name).type
         resources = {"docker": docker_job_variables, "kubernetes": kubernetes_job_variables}.get(pool_type)
         variables = resources(job.resources) if resources else {}
-        env = {"MLFLOW_TRACKING_URI": self.tracking_uri}
-        env |= {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        env = stage_env(self.tracking_uri, inherit=False)
         return variables | {"env": {**(deployment.job_variables or {}).get("env", {}), **env}}
 
     def launch(self, job: StageJob, log: Log) -> LaunchResult:
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
-        from prefect.states import Cancelling
 
         name = f"{self.flow.deployment_flow}/{job.stage}"
         with get_client(sync_client=True) as client:
@@ -298,48 +280,14 @@ class DeploymentLauncher:
             flow_run = run_deployment(name, parameters=params, job_variables=job_vars, timeout=0,
                                       idempotency_key=f"ufo-stage-{job.run_id}")
             log(f"{job.stage}: flow run {flow_run.name} ({flow_run.id}) of deployment {name}")
-            deadline = None if job.timeout_seconds is None else time.monotonic() + job.timeout_seconds
-            try:
-                while True:
-                    for _ in range(5):
-                        time.sleep(0.2)
-                        check_stop()
-                    flow_run = client.read_flow_run(flow_run.id)
-                    if flow_run.state and flow_run.state.is_final():
-                        break
-                    if deadline is not None and time.monotonic() > deadline:
-                        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
-                        self._await_final(client, flow_run.id, job.grace_seconds + 30)
-                        return LaunchResult(None, f"timed out after {job.timeout_seconds:g} s and was "
-                                                  "cancelled", self._tail(client, flow_run.id))
-            except BaseException:
-                client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
-                raise
-            state = flow_run.state
-            if state.is_completed():
-                return LaunchResult(0)
-            return LaunchResult(1, f"flow run {flow_run.name} ended {state.name}", self._tail(client, flow_run.id))
-
-    @staticmethod
-    def _await_final(client, flow_run_id, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            fr = client.read_flow_run(flow_run_id)
-            if fr.state and fr.state.is_final():
-                return
-            time.sleep(1.0)
-
-    @staticmethod
-    def _tail(client, flow_run_id) -> list[str]:
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-        try:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            # The stage's own lines ([stage] ...), each cut short: the full log is in Prefect.
-            lines = [line for entry in logs for line in entry.message.splitlines() if line.startswith("[")]
-            return [line[:300] for line in lines[-20:]]
-        except Exception:
-            return []
+            handle = _FlowRun(client, flow_run)
+            outcome = watch(handle, log, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
+                            poll_seconds=1.0)
+            if outcome.returncode == 0 and not outcome.timed_out:
+                return _result(outcome, job, [])
+            state = handle.flow_run.state
+            ended = f"flow run {flow_run.name} ended {state.name}" if state is not None else None
+            return _result(outcome, job, handle.tail(), ended)
 
 
 def make_launcher(flow: FlowConfig, tracking_uri: str) -> Launcher:

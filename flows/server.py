@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import os
 import shutil
-import socket
 import sys
 import time
 import urllib.error
@@ -19,8 +18,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from flows.processes import spawn, stop_group
 from stages.common.config import ConfigError
+from stages.common.processes import free_port, spawn
 from stages.common.runtime import check_stop
 
 PREFLIGHT_TIMEOUT_SECONDS = 5.0
@@ -46,9 +45,27 @@ def check_http(url: str, what: str, timeout: float = PREFLIGHT_TIMEOUT_SECONDS, 
         raise PreflightError(f"{what} {shown} is unreachable ({reason}); is the server running?") from None
 
 
+def is_server(uri: str) -> bool:
+    """An MLflow server (http/https), not a local store (a SQLite file, a folder)."""
+    return uri.startswith(("http://", "https://"))
+
+
+#: Where each launcher runs stages, for the refusal of a local tracking store.
+_RUNS_STAGES = {"docker": "in containers", "deployment": "under a worker"}
+
+
+def require_tracking_server(uri: str, launcher: str) -> None:
+    """A ConfigError unless `launcher`'s stages can reach the tracking store `uri`: stages that run
+    elsewhere (in containers, under a worker) reach MLflow only through a server that serves artifacts."""
+    if launcher != "local" and not is_server(uri):
+        raise ConfigError(f"flow.launcher: {launcher} runs stages {_RUNS_STAGES[launcher]}, which cannot reach the "
+                          f"tracking store {uri}; set MLFLOW_TRACKING_URI to an MLflow server that serves artifacts "
+                          "(`ufo stack up` starts one, then `source .ufo/stack/env.sh`)")
+
+
 def check_tracking(uri: str) -> None:
     """The MLflow tracking server answers, or a one-line PreflightError (local stores need no check)."""
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         # A real API call, not /health: it also meets the server's host check and authentication.
         check_http(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", "MLFLOW_TRACKING_URI",
                    shown=uri)
@@ -56,12 +73,6 @@ def check_tracking(uri: str) -> None:
 
 def check_prefect_api(url: str) -> None:
     check_http(url.rstrip("/") + "/health", "PREFECT_API_URL", shown=url)
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -108,7 +119,7 @@ def prefect_api(home: Path) -> Iterator[str]:
     finally:
         if proc is not None:
             drain_prefect_clients()
-            stop_group(proc, grace_seconds=5.0)
+            proc.stop(grace_seconds=5.0)
         os.environ.pop("PREFECT_API_URL", None)
 
 

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from flows.server import PreflightError, check_http, prefect_executable
 from stages.common.config import ConfigError
+from stages.common.processes import alive, spawn, stop
 from stages.common.workspace import workspace
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
@@ -132,11 +132,9 @@ def stop_postgres(root: Path) -> None:
 
 
 def _start_daemon(root: Path, name: str, cmd: list[str], env: dict[str, str]) -> int:
-    """Start a long-lived server detached from this process (it must outlive `ufo stack up`)."""
-    log = open(root / f"{name}.log", "a")  # noqa: SIM115 -- handed to the daemon
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, cwd=str(root))
-    return proc.pid
+    """Start a long-lived server in a session of its own that outlives this process (`ufo stack up`)."""
+    with open(root / f"{name}.log", "a") as log:  # the daemon holds its own copy of the descriptor
+        return spawn(cmd, env=env, cwd=root, output=log, with_parent=False).pid
 
 
 def _await(url: str, what: str, pid: int, log: Path, timeout: float = 180) -> None:
@@ -146,42 +144,18 @@ def _await(url: str, what: str, pid: int, log: Path, timeout: float = 180) -> No
             check_http(url, what, timeout=2)
             return
         except PreflightError:
-            if not _alive(pid):
+            if not alive(pid):
                 raise RuntimeError(f"{what} exited while starting; its log {log} ends:\n"
                                    f"{log.read_text(errors='replace')[-2000:]}") from None
             time.sleep(0.5)
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:g} s (log: {log})")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not reaped) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
-
-
-def _stop_group(pid: int, grace: float = 10.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + grace
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not _alive(pid):
-            return
-
-
 def up(pool: str | None, pool_type: str, mlflow_port: int, prefect_port: int, pg_port: int) -> dict:
     root = stack_dir()
     root.mkdir(parents=True, exist_ok=True)
     state = _load_state(root)
-    if any(_alive(pid) for pid in state["processes"].values()):
+    if any(alive(pid) for pid in state["processes"].values()):
         raise ConfigError(f"the stack in {root} is already running (`ufo stack status`; `ufo stack down` stops it)")
     state = {"processes": {}, "root": str(root)}
     _save_state(root, state)  # `down` can clean up whatever starts below, even if `up` fails half-way
@@ -245,8 +219,8 @@ def down() -> list[str]:
     stopped = []
     procs = state.get("processes", {})
     for name in sorted(procs, key=lambda n: (not n.startswith("worker"), n != "prefect", n)):
-        if _alive(procs[name]):
-            _stop_group(procs[name])
+        if alive(procs[name]):
+            stop(procs[name], grace_seconds=10.0)
             stopped.append(name)
     if (pg_home(root) / "pg" / "postmaster.pid").is_file():
         stop_postgres(root)
@@ -259,7 +233,7 @@ def down() -> list[str]:
 def status() -> dict[str, str]:
     root = stack_dir()
     state = _load_state(root)
-    out = {name: ("running" if _alive(pid) else "stopped") + f" (pid {pid})"
+    out = {name: ("running" if alive(pid) else "stopped") + f" (pid {pid})"
            for name, pid in state.get("processes", {}).items()}
     out["postgres"] = "running" if (pg_home(root) / "pg" / "postmaster.pid").is_file() else "stopped"
     return out

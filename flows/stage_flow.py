@@ -8,15 +8,12 @@ code other than what the pipeline keyed its cache on (a stale image).
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.cache import code_digest as local_code_digest
-from flows.launchers import REPO_ROOT, describe_exit, stage_env
-from flows.processes import spawn, watch
+from stages.common.processes import REPO_ROOT, describe_exit, spawn, stage_command, stage_env, watch
 
 
 class StageProcessFailed(RuntimeError):
@@ -32,11 +29,11 @@ def ufo_stage(stage: str, config: dict[str, Any], run_id: str, parent_run_id: st
     if code_digest and code_digest != here:
         raise StageProcessFailed(f"this image/checkout has {stage} code {here[:12]}, the pipeline expects "
                                  f"{code_digest[:12]}: rebuild the images (`make images`) and redeploy")
-    cmd = [sys.executable, "-m", f"stages.{stage}", "--config-json", json.dumps(config), "--run-id", run_id,
-           "--parent-run-id", parent_run_id]
     logger.info("$ python -m stages.%s --run-id %s", stage, run_id)
-    proc = spawn(cmd, env=stage_env(), cwd=str(REPO_ROOT))
-    outcome = watch(proc, lambda line: logger.info("[%s] %s", stage, line), timeout_seconds=None,
+    child = spawn(stage_command(stage, config=config, run_id=run_id, parent_run_id=parent_run_id), env=stage_env(),
+                  cwd=REPO_ROOT)
+    # No timeout of its own: the pipeline's launcher times the flow run out and cancels it.
+    outcome = watch(child, lambda line: logger.info("[%s] %s", stage, line), timeout_seconds=None,
                     grace_seconds=grace_seconds)
     if outcome.returncode != 0:
         raise StageProcessFailed(f"stage {stage} {describe_exit(outcome.returncode)}")

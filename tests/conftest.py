@@ -1,5 +1,15 @@
-"""Shared fixtures: an isolated workspace (SQLite MLflow store + artifact folder) per test or module,
-and a tiny character-level tokenizer/model built exactly as the SFT stage builds them."""
+"""Shared fixtures (pytest finds them here; what tests call is in tests/helpers.py):
+
+- workspaces: an isolated SQLite MLflow store + artifact folder per test (`workspace`) or per module
+  (`module_workspace`);
+- the tiny models, built once per session: `tiny` (the character-level Llama) and `tiny_chat` (the Qwen2
+  chat model with its locally trained BPE tokenizer), built exactly as the SFT stage builds them;
+- the upstream Outputs a stage test starts from, logged into the module's workspace: `curated` (the
+  curate stage's synthetic default) and `upstream` (the tiny model as the SFT model, its problems as the
+  train split);
+- `ufo_workspace`: a workspace for a real `ufo run` whose databases exist already, as after a first
+  run (`migrated_stores`, created once per session).
+"""
 
 from __future__ import annotations
 
@@ -7,67 +17,85 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything (set before HF libraries load)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import mlflow
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from stages.common.chat import ChatFormat, build_char_tokenizer
-from stages.common.episodes import Problem
-from stages.common.model import new_scratch_model
-from stages.common.model_spec import ModelConfig
+from stages.common.chat import ChatFormat, build_char_tokenizer  # noqa: E402
+from stages.common.contracts import CurateOutput, SFTOutput  # noqa: E402
+from stages.common.episodes import Problem, rollout  # noqa: E402
+from stages.common.model import build_model, new_scratch_model, save_pretrained  # noqa: E402
+from stages.common.model_spec import ModelConfig  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    FEEDBACK,
+    REPO,
+    TINY_CHAT,
+    log_upstream,
+    multiplication_problems,
+    use_workspace,
+    with_stores,
+    workspace_tracking_uri,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-# The real data files live beside the repository (never in it); a git worktree or a copy elsewhere
-# finds them through UFO_SHARED_DATA.
-SHARED_DATA = Path(os.environ.get("UFO_SHARED_DATA") or REPO.parent / "shared" / "data")
-FEEDBACK = "Let's try again."
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def workspace_tracking_uri(path: Path) -> str:
-    """The SQLite MLflow store that `ufo run` creates in workspace `path` by default."""
-    return f"sqlite:///{path / 'mlflow.db'}"
-
-
-def use_workspace(mp: pytest.MonkeyPatch, path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    mp.setenv("UFO_HOME", str(path))
-    mp.setenv("MLFLOW_TRACKING_URI", workspace_tracking_uri(path))
-    return path
+#: The modules that take longest (each runs real `ufo` pipelines; measured with --durations), longest
+#: first. They are collected first, so that under pytest-xdist (`make test` runs two workers, each taking
+#: whole files) the longest module never starts last and leaves the other worker idle.
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_faults.py", "test_ablate.py")
 
 
-def ufo_run(workspace: Path, *args: str) -> subprocess.CompletedProcess:
-    """`ufo run ARGS` as a user runs it: workspace `workspace`, its default tracking store."""
-    env = {**os.environ, "UFO_HOME": str(workspace)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
-def find_runs(filter_string: str) -> list:
-    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string, output_format="list")
+@pytest.fixture(scope="session")
+def migrated_stores(tmp_path_factory) -> Path:
+    """An MLflow store and a Prefect database with every migration applied (`mlflow.db`,
+    `prefect/prefect.db`): what a workspace holds after its first `ufo run`.
+
+    Creating them is the slowest part of a first run's start on 2 busy cores (MLflow's ~3 s; Prefect's
+    ~8 s of its server's ~14 s), paid again by every test that starts from an empty workspace. Tests whose
+    subject is not that first start take copies (`module_workspace`: the MLflow store; `ufo_workspace`:
+    both); the first start itself stays tested (test_pipeline_e2e.py's pipeline, and in test_faults.py two
+    pipelines at once in a fresh workspace and a SIGTERM while the server starts).
+    """
+    from flows.server import prefect_executable
+
+    root = tmp_path_factory.mktemp("stores")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    create = "import sys, mlflow; mlflow.MlflowClient(tracking_uri=sys.argv[1]).search_experiments()"
+    for cmd, extra in (([sys.executable, "-c", create, workspace_tracking_uri(root)], {}),
+                       ([prefect_executable(), "server", "database", "upgrade", "-y"],
+                        {"PREFECT_HOME": str(root / "prefect"), "DO_NOT_TRACK": "1"})):
+        proc = subprocess.run(cmd, cwd=REPO, env=env | extra, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (root / "mlflow.db").is_file() and (root / "prefect" / "prefect.db").is_file()
+    return root
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch) -> Path:
-    return use_workspace(monkeypatch, tmp_path / "ufo")
+def workspace(tmp_path, monkeypatch, migrated_stores) -> Path:
+    """A workspace of the test's own, its MLflow store already created."""
+    return use_workspace(monkeypatch, with_stores(tmp_path / "ufo", migrated_stores, prefect=False))
 
 
 @pytest.fixture(scope="module")
-def module_workspace(tmp_path_factory):
+def module_workspace(tmp_path_factory, migrated_stores):
+    """A workspace for the module's in-process stage runs, its MLflow store already created."""
     with pytest.MonkeyPatch.context() as mp:
-        yield use_workspace(mp, tmp_path_factory.mktemp("ufo"))
+        yield use_workspace(mp, with_stores(tmp_path_factory.mktemp("ufo"), migrated_stores, prefect=False))
 
 
-def multiplication_problems(n: int = 64) -> list[Problem]:
-    return [Problem(f"mul/{a}x{b}", f"{a}*{b}", str(a * b)) for a in range(100, 100 + n) for b in (3,)]
+@pytest.fixture
+def ufo_workspace(tmp_path, migrated_stores) -> Path:
+    """`tmp_path`/ws for a real `ufo run`, its MLflow and Prefect databases already migrated (as after a
+    first run)."""
+    return with_stores(tmp_path / "ws", migrated_stores)
 
 
 @pytest.fixture(scope="session")
@@ -81,60 +109,40 @@ def tiny() -> tuple[torch.nn.Module, ChatFormat, list[Problem]]:
     return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems
 
 
-MICRO = "tests/configs/micro.yaml"
+@pytest.fixture(scope="session")
+def tiny_chat() -> tuple[torch.nn.Module, ChatFormat, list[Problem]]:
+    """A random Qwen2 policy (`TINY_CHAT`) with the locally trained BPE tokenizer and its ChatML template:
+    it answers garbage, so episodes run all their turns and exercise answers cut off without eos. Its
+    users only read it or take gradients (after zeroing them)."""
+    problems = multiplication_problems()
+    texts = [p.question for p in problems] + [p.answer for p in problems]
+    torch.manual_seed(0)
+    model, tokenizer = build_model(TINY_CHAT, texts, FEEDBACK, torch.device("cpu"))
+    return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems
 
 
-def ufo_env(workspace: Path, **extra: str) -> dict[str, str]:
-    """This process's environment for a `ufo` in `workspace`: its default local stores unless `extra` says."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    return {**env, "UFO_HOME": str(workspace), **extra}
+@pytest.fixture(scope="session")
+def tiny_rollout(tiny, tmp_path_factory) -> tuple[Path, ChatFormat, list]:
+    """`tiny` saved the way the SFT stage saves its model (the folder RL loads), and one rollout of it:
+    4 problems x 4 episodes of up to 3 turns. Read only."""
+    model, fmt, problems = tiny
+    folder = save_pretrained(model, fmt.tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+    torch.manual_seed(3)
+    episodes = rollout(model, fmt, problems[:4], group_size=4, max_turns=3, temperature=1.0, max_new_tokens=6)
+    return folder, fmt, episodes
 
 
-def start_ufo(workspace: Path, *args: str, log: Path, **env: str) -> subprocess.Popen:
-    """`ufo ARGS` in its own session (a terminal's process group: the test may signal all of it),
-    stdout+stderr to `log`."""
-    workspace.mkdir(parents=True, exist_ok=True)
-    out = open(log, "w")  # noqa: SIM115 -- owned by the process, closed by the OS when it exits
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=ufo_env(workspace, **env),
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+@pytest.fixture(scope="module")
+def curated(module_workspace):
+    """The curate stage's synthetic default (3-digit x 1-digit multiplication), in the module's workspace."""
+    from stages import curate
+
+    return curate.run(curate.Config(experiment="curated"))
 
 
-def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Block until `text` appears in `log`; fail (showing the log) if `proc` exits first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"ufo exited ({proc.returncode}) before printing {text!r}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"{text!r} not printed within {timeout} s:\n{log.read_text()[-4000:]}")
-
-
-def processes_of(workspace: Path) -> list[tuple[int, str]]:
-    """(pid, command line) of every live process started for `workspace` (they all inherit UFO_HOME)."""
-    marker = f"UFO_HOME={workspace}".encode()
-    found = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            if marker in (proc_dir / "environ").read_bytes().split(b"\0"):
-                state = (proc_dir / "stat").read_text().split(") ")[-1][:1]
-                if state != "Z":  # a zombie is dead, only not yet reaped by its parent
-                    found.append((int(proc_dir.name), (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
-        except OSError:
-            continue
-    return found
-
-
-def prefect_states(workspace: Path) -> dict[str, list[tuple[str, str]]]:
-    """(name, state type) of every flow run and task run in the workspace's Prefect database."""
-    import sqlite3
-
-    db = sqlite3.connect(workspace / "prefect" / "prefect.db")
-    try:
-        return {table: db.execute(f"select name, state_type from {table}").fetchall()
-                for table in ("flow_run", "task_run")}
-    finally:
-        db.close()
+@pytest.fixture(scope="module")
+def upstream(module_workspace, tiny, tmp_path_factory) -> tuple[CurateOutput, SFTOutput]:
+    """What curate and SFT would hand over to RL, logged as they log it but in a second: the `tiny` random
+    model as the SFT model and its 64 problems as the train split, in the module's workspace."""
+    model, fmt, problems = tiny
+    return log_upstream(model, fmt, {"train": problems}, tmp_path_factory.mktemp("upstream"), "upstream")

@@ -13,7 +13,7 @@ import pytest
 
 from flows.ablate import load_suite, paper_findings, seed_spread, spread_lines, spread_metrics
 from stages.common.config import ConfigError
-from tests.conftest import REPO, find_runs, prefect_states, ufo_env, workspace_tracking_uri
+from tests.helpers import REPO, find_runs, prefect_states, ufo_env, with_stores, workspace_tracking_uri
 
 SUITE = "tests/configs/ablation-micro.yaml"
 
@@ -39,8 +39,8 @@ def test_an_arm_that_changes_more_than_rl_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ablation(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("ablation")
+def ablation(tmp_path_factory, migrated_stores):
+    ws = with_stores(tmp_path_factory.mktemp("ablation"), migrated_stores)
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "ablate", SUITE], cwd=REPO, capture_output=True,
                           text=True, env=ufo_env(ws), timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]

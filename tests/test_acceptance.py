@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tests.conftest import find_runs, ufo_run, workspace_tracking_uri
+from tests.helpers import find_runs, metric_history, ufo_run, workspace_tracking_uri
 
 
 @pytest.mark.slow
@@ -26,5 +26,4 @@ def test_tiny_default_lands_in_a_useful_regime(tmp_path, seed):
     assert m["eval/rl/succ_at_5"] >= m["eval/sft/succ_at_5"] - 0.05
     assert m["eval/rl/invalid_rate"] < 0.05
     (rl_run,) = find_runs("tags.`ufo.stage` = 'rl'")
-    rewards = mlflow.MlflowClient().get_metric_history(rl_run.info.run_id, "rollout/reward_mean")
-    assert len(rewards) == 130
+    assert len(metric_history(rl_run.info.run_id, "rollout/reward_mean")) == 130

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tests.conftest import find_runs, ufo_run, workspace_tracking_uri
+from tests.helpers import find_runs, ufo_run, workspace_tracking_uri
 
 
 @pytest.mark.slow

@@ -16,13 +16,10 @@ from stages.common.base_model import gguf_path
 from stages.common.chat import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, ChatFormat, Message
 from stages.common.config import ConfigError, read_yaml
 from stages.common.episodes import rollout
-from stages.common.model import build_model
 from stages.common.model_spec import ModelConfig
 from stages.rl.batch import collate
-from tests.conftest import FEEDBACK, REPO, multiplication_problems
+from tests.helpers import FEEDBACK, REPO, multiplication_problems
 
-CHAT = ModelConfig(init="scratch_chat", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                   intermediate_size=64, max_position_embeddings=192)
 SMOLLM2 = ModelConfig.model_validate(read_yaml(REPO / "configs" / "smollm2-135m.yaml")["sft"]["model"])
 
 
@@ -50,17 +47,15 @@ def chat(request):
     answers cut off without eos. `tiny_chatml`: a Qwen2 policy with the locally trained BPE tokenizer;
     `smollm2*`: a tiny random Llama over SmolLM2's real 49,152-token vocabulary and template (with its
     default system prompt, and without it as the config has it)."""
+    if request.param == "tiny_chatml":
+        return request.getfixturevalue("tiny_chat")
     problems = multiplication_problems()
     torch.manual_seed(0)
-    if request.param == "tiny_chatml":
-        texts = [p.question for p in problems] + [p.answer for p in problems]
-        model, tokenizer = build_model(CHAT, texts, FEEDBACK, torch.device("cpu"))
-    else:
-        tokenizer = smollm2_tokenizer(SMOLLM2.chat_template if request.param == "smollm2_no_system" else None)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    tokenizer = smollm2_tokenizer(SMOLLM2.chat_template if request.param == "smollm2_no_system" else None)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
     return model.eval(), ChatFormat(tokenizer, FEEDBACK), problems
 
 
@@ -88,10 +83,8 @@ def _messages(question: str, replies: list[str]) -> list[dict[str, str]]:
     return messages
 
 
-def test_the_feedback_is_ordinary_text_of_a_chatml_user_turn():
-    problems = multiplication_problems()
-    texts = [p.question for p in problems] + [p.answer for p in problems]
-    fmt = ChatFormat(build_model(CHAT, texts, FEEDBACK, torch.device("cpu"))[1], FEEDBACK)
+def test_the_feedback_is_ordinary_text_of_a_chatml_user_turn(tiny_chat):
+    _, fmt, _ = tiny_chat
     tok = fmt.tokenizer
     assert FEEDBACK not in tok.get_vocab() and len(tok.encode(FEEDBACK)) >= 4
     assert tok.decode(fmt.feedback_ids) == f"\n{IM_START}user\n{FEEDBACK}{IM_END}\n{IM_START}assistant\n"

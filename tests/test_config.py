@@ -12,7 +12,7 @@ import pytest
 from flows.cli import main
 from flows.config import PipelineConfig
 from stages.common.config import ConfigError, apply_overrides, load_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ import mlflow
 import pytest
 
 from stages.common.contracts import OUTPUT_TYPES
+from stages.common.processes import free_port
 from stages.common.tracking import fetch_verified
-from tests.conftest import MICRO, REPO, start_ufo, wait_for_text
+from tests.helpers import MICRO, REPO, start_ufo, wait_for_text
 
 pytestmark = pytest.mark.docker
 SMOKE = "configs/smoke.yaml"
 STAGES = ("curate", "sft", "rl", "evaluate")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _docker(*args: str) -> str:
@@ -63,8 +57,8 @@ def stack(tmp_path_factory):
     assert images.returncode == 0, (images.stdout + images.stderr)[-5000:]
     print(images.stdout[-1500:])  # sizes, for the record (pytest -s)
     s = Stack(tmp_path_factory.mktemp("stack"))
-    up = s.ufo("stack", "up", "--pool", "ufo-docker", "--pool-type", "docker", "--mlflow-port", str(_free_port()),
-               "--prefect-port", str(_free_port()), "--postgres-port", str(_free_port()), timeout=600)
+    up = s.ufo("stack", "up", "--pool", "ufo-docker", "--pool-type", "docker", "--mlflow-port", str(free_port()),
+               "--prefect-port", str(free_port()), "--postgres-port", str(free_port()), timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         for line in (s.home / "stack" / "env.sh").read_text().splitlines():

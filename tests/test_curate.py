@@ -25,7 +25,7 @@ from stages.common.tracking import fetch_verified
 from stages.curate import schemas
 from stages.curate.readers import EvalIndex
 from stages.curate.text import normalise, row_id, unit_hash
-from tests.conftest import REPO, SHARED_DATA
+from tests.helpers import REPO, SHARED_DATA
 
 # Real GSM8K / MATH-500 files: next to the repository (main checkout) or next to its worktree folder.
 DATA = next((p for p in (SHARED_DATA, REPO.parent.parent / "shared" / "data")
@@ -119,16 +119,11 @@ def test_eval_index_exact_and_ngram_hits():
 
 
 # ---------------------------------------------------------------------------------------------------
-# The synthetic default (also what test_stages.py's `curated` fixture relies on)
+# The synthetic default (the `curated` fixture the stage tests start from)
 
 
-@pytest.fixture(scope="module")
-def synthetic(module_workspace) -> curate.Output:
-    return curate.run(curate.Config(experiment="curate-tests"))
-
-
-def test_synthetic_splits_are_disjoint_and_verified(synthetic, tmp_path):
-    frames = {s: _frame(synthetic, s, tmp_path) for s in curate.SPLITS}
+def test_synthetic_splits_are_disjoint_and_verified(curated, tmp_path):
+    frames = {s: _frame(curated, s, tmp_path) for s in curate.SPLITS}
     assert {s: len(f) for s, f in frames.items()} == {"train": 5760, "val": 720, "test": 720}
     keys = {s: set(f.question) for s, f in frames.items()}
     assert not keys["train"] & keys["test"] and not keys["train"] & keys["val"] and not keys["val"] & keys["test"]
@@ -136,29 +131,29 @@ def test_synthetic_splits_are_disjoint_and_verified(synthetic, tmp_path):
     for row in frames["test"].itertuples():
         a, b = map(int, row.question.split("*"))
         assert int(row.answer) == a * b
-    manifest = _manifest(synthetic, tmp_path)
-    assert manifest["splits"]["test"]["sha256"] == synthetic.artifact("test").sha256
+    manifest = _manifest(curated, tmp_path)
+    assert manifest["splits"]["test"]["sha256"] == curated.artifact("test").sha256
     assert manifest["sources"]["multiplication"]["read"] == 7200
     _check_accounting(manifest)
-    assert synthetic.eval_sets().keys() == {"test"}
+    assert curated.eval_sets().keys() == {"test"}
 
 
-def test_synthetic_same_seed_same_splits(synthetic):
+def test_synthetic_same_seed_same_splits(curated):
     again = curate.run(curate.Config(experiment="curate-tests"))
-    assert again.artifact("test").sha256 == synthetic.artifact("test").sha256
+    assert again.artifact("test").sha256 == curated.artifact("test").sha256
     other = curate.run(curate.Config(experiment="curate-tests", seed=1))
-    assert other.artifact("test").sha256 != synthetic.artifact("test").sha256
+    assert other.artifact("test").sha256 != curated.artifact("test").sha256
 
 
-def test_splits_are_logged_as_mlflow_inputs_with_full_content_digests(synthetic):
-    run = mlflow.MlflowClient().get_run(synthetic.run_id)
+def test_splits_are_logged_as_mlflow_inputs_with_full_content_digests(curated):
+    run = mlflow.MlflowClient().get_run(curated.run_id)
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "val", "test"}
     for split, d in inputs.items():
         tags = {t.key: t.value for t in d.tags}
-        assert tags["ufo.sha256"] == synthetic.artifact(split).sha256
-        assert d.dataset.digest == synthetic.artifact(split).sha256[:32]
-        assert json.loads(d.dataset.source) == {"uri": synthetic.artifact(split).uri}
+        assert tags["ufo.sha256"] == curated.artifact(split).sha256
+        assert d.dataset.digest == curated.artifact(split).sha256[:32]
+        assert json.loads(d.dataset.source) == {"uri": curated.artifact(split).uri}
     assert {t.key: t.value for t in inputs["val"].tags}["ufo.rows"] == "720"
 
 

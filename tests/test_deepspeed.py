@@ -24,21 +24,16 @@ import torch
 from safetensors.torch import load_file
 
 from flows.config import PipelineConfig
-from stages import curate, sft
+from stages import sft
 from stages.common.chat import build_char_tokenizer
 from stages.common.config import load_config
 from stages.common.engine import build_engine
 from stages.common.model import new_scratch_model
 from stages.common.model_spec import EngineConfig, ModelConfig
 from stages.common.tracking import fetch_verified, tracking_uri
-from tests.conftest import REPO
+from tests.helpers import REPO, metric_history
 
 pytest.importorskip("deepspeed")
-
-
-@pytest.fixture(scope="module")
-def curated(module_workspace) -> curate.Output:
-    return curate.run(curate.Config(experiment="ds"))
 
 
 def _sft_section(config_file: str, **update) -> sft.Config:
@@ -46,18 +41,14 @@ def _sft_section(config_file: str, **update) -> sft.Config:
     return sft.Config.model_validate({**cfg.model_dump(mode="json"), "experiment": "ds", **update})
 
 
-def _history(run_id: str, key: str) -> list[float]:
-    return [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
 def _compare(single: sft.Output, ranks: sft.Output, steps: int, log_every: int) -> None:
     for key in ("loss/sft", "loss/grad_norm", "train/lr"):
-        one, two = _history(single.run_id, key), _history(ranks.run_id, key)
+        one, two = metric_history(single.run_id, key), metric_history(ranks.run_id, key)
         assert len(one) == len(two) == steps // log_every, key  # logged once per step, by rank 0 only
         worst = max(abs(a - b) / abs(a) for a, b in zip(one, two, strict=True))
         print(f"{key}: 1 process {one[-1]:.6f}, 2 ranks {two[-1]:.6f} at the last step; max rel diff {worst:.2e}")
         assert two == pytest.approx(one, rel=1e-4), key
-    assert _history(ranks.run_id, "loss/sft")[-1] < _history(ranks.run_id, "loss/sft")[0]
+    assert metric_history(ranks.run_id, "loss/sft")[-1] < metric_history(ranks.run_id, "loss/sft")[0]
 
 
 @pytest.mark.slow  # ~1 min on 2 busy cores: pytest -m slow tests/test_deepspeed.py
@@ -164,7 +155,7 @@ def test_sigterm_to_the_stage_stops_its_ranks(curated, tmp_path):
         while time.monotonic() < deadline and len(ranks) < 2:
             time.sleep(0.5)
             ranks = [p for p in _descendants(stage.pid)
-                     if "stages.sft.rank" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p)]
+                     if "stages.sft.stage:fit_rank" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p)]
         assert len(ranks) == 2, "the stage did not start 2 ranks"
         everything = _descendants(stage.pid)
         time.sleep(3)  # let the ranks get into training

@@ -7,21 +7,21 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from tests.conftest import MICRO, SHARED_DATA, find_runs, ufo_run, workspace_tracking_uri
+from tests.helpers import MICRO, SHARED_DATA, find_runs, ufo_run, workspace_tracking_uri
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 
 @pytest.mark.skipif(not GSM8K_TEST.is_file(), reason=f"{GSM8K_TEST} is absent (GSM8K is never committed)")
-def test_a_gsm8k_eval_source_gets_its_own_metrics(tmp_path):
+def test_a_gsm8k_eval_source_gets_its_own_metrics(ufo_workspace):
     sources = (f"[{{kind: multiplication, a_min: 100, a_max: 299}}, "
                f"{{kind: gsm8k, role: eval, path: '{GSM8K_TEST}', max_rows: 40}}]")
-    proc = ufo_run(tmp_path / "ws", MICRO, "--set", f"curate.sources={sources}",
+    proc = ufo_run(ufo_workspace, MICRO, "--set", f"curate.sources={sources}",
                    # a GSM8K question is up to ~1,000 characters for the character tokenizer
                    "--set", "sft.model.max_position_embeddings=1280", "--set", "evaluate.max_problems=8",
                    "--set", "evaluate.inference=[feedback]")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    mlflow.set_tracking_uri(workspace_tracking_uri(tmp_path / "ws"))
+    mlflow.set_tracking_uri(workspace_tracking_uri(ufo_workspace))
     (ev,) = find_runs("tags.`ufo.stage` = 'evaluate'")
     m = ev.data.metrics
     for model in ("sft", "rl"):

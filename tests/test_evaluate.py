@@ -16,36 +16,24 @@ import pytest
 from stages import evaluate
 from stages.common import report as rep
 from stages.common.config import ConfigError
-from stages.common.contracts import ArtifactRef, CurateOutput, SFTOutput
-from stages.common.tracking import configure, fetch_verified, log_artifact
+from stages.common.contracts import ArtifactRef
+from stages.common.tracking import fetch_verified
 from stages.evaluate.stage import checkpoint_dirs
-from tests.conftest import multiplication_problems
+from tests.helpers import log_upstream, multiplication_problems
 
 T = 3
 TEST_PROBLEMS, HARD_PROBLEMS = 8, 6
 
 
 @pytest.fixture(scope="module")
-def upstream(module_workspace, tiny, tmp_path_factory):
+def eval_upstream(module_workspace, tiny, tmp_path_factory):
     """A curate Output with a `test` split and an `eval/hard` set, the tiny model as an SFT Output, and
     the same weights registered as an MLflow transformers model `tiny@champion`."""
     model, fmt, _ = tiny
-    tmp = tmp_path_factory.mktemp("upstream")
-    configure("evaluate-tests")
     problems = multiplication_problems(TEST_PROBLEMS + HARD_PROBLEMS)
-    with mlflow.start_run(run_name="curate") as run:
-        refs = {}
-        for name, ps in (("test", problems[:TEST_PROBLEMS]), ("eval/hard", problems[TEST_PROBLEMS:])):
-            path = tmp / f"{name.replace('/', '_')}.parquet"
-            pd.DataFrame({"id": [p.id for p in ps], "question": [p.question for p in ps],
-                          "answer": [p.answer for p in ps], "source": "mul"}).to_parquet(path)
-            refs[name] = log_artifact(path, "data")
-        data = CurateOutput(run_id=run.info.run_id, artifacts=refs)
-    folder = tmp / "ckpt"
-    model.save_pretrained(folder)
-    fmt.tokenizer.save_pretrained(folder)
-    with mlflow.start_run(run_name="sft") as run:
-        sft = SFTOutput(run_id=run.info.run_id, artifacts={"model": log_artifact(folder, "model")})
+    data, sft = log_upstream(model, fmt, {"test": problems[:TEST_PROBLEMS], "eval/hard": problems[TEST_PROBLEMS:]},
+                             tmp_path_factory.mktemp("upstream"), "evaluate-tests")
+    with mlflow.start_run(run_id=sft.run_id):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": fmt.tokenizer}, task="text-generation", name="hf",
             pip_requirements=["torch==2.13.0", "transformers>=5,<6"])  # inference would need torchvision
@@ -54,17 +42,17 @@ def upstream(module_workspace, tiny, tmp_path_factory):
     return data, sft
 
 
-def _config(upstream, **kw) -> evaluate.Config:
-    data, sft = upstream
+def _config(eval_upstream, **kw) -> evaluate.Config:
+    data, sft = eval_upstream
     # Short garbage answers: grading random text through math-verify is what costs time here.
     return evaluate.Config(experiment="evaluate-tests", data=data, sft=sft, max_turns=T, num_samples=T,
                            max_new_tokens=4, bootstrap_samples=200, transcripts=2, **kw)
 
 
 @pytest.fixture(scope="module")
-def evaluated(upstream):
-    _, sft = upstream
-    return evaluate.run(_config(upstream, models={"plain": f"runs:/{sft.run_id}/model",
+def evaluated(eval_upstream):
+    _, sft = eval_upstream
+    return evaluate.run(_config(eval_upstream, models={"plain": f"runs:/{sft.run_id}/model",
                                                   "registered": "models:/tiny@champion"}))
 
 
@@ -159,8 +147,8 @@ def test_report_plots_and_per_model_tables_are_logged(evaluated, tmp_path):
     assert "Succ@1" in run.data.tags["mlflow.note.content"]
 
 
-def test_only_the_sets_asked_for(upstream):
-    out = evaluate.run(_config(upstream, sets=["hard"], inference=["no_feedback"], max_problems=4))
+def test_only_the_sets_asked_for(eval_upstream):
+    out = evaluate.run(_config(eval_upstream, sets=["hard"], inference=["no_feedback"], max_problems=4))
     assert {k.split("/")[1] for k in out.metrics} == {"hard"}
     assert "eval/hard/sft_no_feedback/pass_at_1" in out.metrics  # no feedback arm: single-turn metrics go here
 
@@ -169,9 +157,9 @@ def test_only_the_sets_asked_for(upstream):
     ({"sets": ["nope"]}, r"evaluate.sets: \['nope'\] not in the curate output; it has \['hard', 'test'\]"),
     ({"models": {"ghost": "runs:/0123456789abcdef0123456789abcdef/model"}}, r"evaluate.models: cannot download"),
 ])
-def test_bad_input_is_a_clear_error_before_any_model_is_evaluated(upstream, change, message):
+def test_bad_input_is_a_clear_error_before_any_model_is_evaluated(eval_upstream, change, message):
     with pytest.raises(ConfigError, match=message):
-        evaluate.run(_config(upstream, **change))
+        evaluate.run(_config(eval_upstream, **change))
 
 
 def test_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
@@ -203,6 +191,6 @@ def test_config_resampling_choices_match_the_stats_module():
     assert get_args(ConfigResampling) == get_args(Resampling)
 
 
-def test_artifact_ref_of_an_sft_output_is_what_evaluate_loads(upstream):
-    _, sft = upstream
+def test_artifact_ref_of_an_sft_output_is_what_evaluate_loads(eval_upstream):
+    _, sft = eval_upstream
     assert isinstance(sft.artifact("model"), ArtifactRef)

@@ -3,7 +3,9 @@ processes, a SQLite MLflow store), breaks it the way a user or the machine would
 MLflow and Prefect states and the process table afterwards, not just the exit code.
 
 The stage that must be running when the fault hits is SFT, made to run until stopped
-(`sft.max_steps` huge, a validation target it never reaches).
+(`sft.max_steps` huge, a validation target it never reaches). A test whose subject is not the first
+start of a workspace starts from one whose Prefect database exists (`ufo_workspace`, as after a first
+run); two pipelines in a fresh workspace and a SIGTERM while the server starts keep an empty one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     MICRO,
     REPO,
     find_runs,
@@ -65,8 +67,8 @@ def by_stage(ws: Path, stage: str) -> list:
                   key=lambda r: r.info.start_time)
 
 
-def test_sigkill_of_a_stage_fails_it_with_a_reason_and_nothing_stays_running(tmp_path):
-    ws, log = tmp_path / "ws", tmp_path / "ufo.log"
+def test_sigkill_of_a_stage_fails_it_with_a_reason_and_nothing_stays_running(ufo_workspace, tmp_path):
+    ws, log = ufo_workspace, tmp_path / "ufo.log"
     proc = start_ufo(ws, "run", MICRO, *ENDLESS_SFT, log=log)
     wait_for_text(log, SFT_RUNNING, proc)
     os.kill(stage_pid(ws, "sft"), signal.SIGKILL)
@@ -82,8 +84,8 @@ def test_sigkill_of_a_stage_fails_it_with_a_reason_and_nothing_stays_running(tmp
     assert dict(prefect_states(ws)["task_run"])["sft"] == "FAILED"
 
 
-def test_a_killed_attempt_is_failed_and_its_retry_finishes_the_pipeline(tmp_path):
-    ws, log = tmp_path / "ws", tmp_path / "ufo.log"
+def test_a_killed_attempt_is_failed_and_its_retry_finishes_the_pipeline(ufo_workspace, tmp_path):
+    ws, log = ufo_workspace, tmp_path / "ufo.log"
     proc = start_ufo(ws, "run", MICRO, "--set", "flow.sft.retries=1", "--set", "flow.retry_delay_seconds=0", log=log)
     wait_for_text(log, SFT_RUNNING, proc)
     os.kill(stage_pid(ws, "sft"), signal.SIGKILL)
@@ -99,8 +101,8 @@ def test_a_killed_attempt_is_failed_and_its_retry_finishes_the_pipeline(tmp_path
 
 @pytest.mark.parametrize(("sig", "code", "group"), [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
                          ids=["ctrl-c-to-the-process-group", "sigterm-to-ufo"])
-def test_an_interrupt_during_a_stage_kills_every_run_and_exits_fast(tmp_path, sig, code, group):
-    ws, log = tmp_path / "ws", tmp_path / "ufo.log"
+def test_an_interrupt_during_a_stage_kills_every_run_and_exits_fast(ufo_workspace, tmp_path, sig, code, group):
+    ws, log = ufo_workspace, tmp_path / "ufo.log"
     proc = start_ufo(ws, "run", MICRO, *ENDLESS_SFT, log=log)
     wait_for_text(log, SFT_RUNNING, proc)
     sent = time.monotonic()
@@ -136,8 +138,8 @@ def test_sigterm_while_the_server_starts_exits_fast_and_leaves_nothing(tmp_path)
     assert not processes_of(ws)
 
 
-def test_sigkill_of_ufo_takes_its_server_and_stage_with_it(tmp_path):
-    ws, log = tmp_path / "ws", tmp_path / "ufo.log"
+def test_sigkill_of_ufo_takes_its_server_and_stage_with_it(ufo_workspace, tmp_path):
+    ws, log = ufo_workspace, tmp_path / "ufo.log"
     proc = start_ufo(ws, "run", MICRO, *ENDLESS_SFT, log=log)
     wait_for_text(log, SFT_RUNNING, proc)
     assert any("server start" in cmd for _, cmd in processes_of(ws))
@@ -152,9 +154,9 @@ def test_sigkill_of_ufo_takes_its_server_and_stage_with_it(tmp_path):
     assert sft.info.status == "KILLED"
 
 
-def test_a_stage_that_hangs_silently_is_stopped_by_its_timeout(tmp_path):
+def test_a_stage_that_hangs_silently_is_stopped_by_its_timeout(ufo_workspace, tmp_path):
     """The SFT process opens its run, then sleeps forever without printing (failpoint)."""
-    ws, log = tmp_path / "ws", tmp_path / "ufo.log"
+    ws, log = ufo_workspace, tmp_path / "ufo.log"
     proc = start_ufo(ws, "run", MICRO, "--set", "flow.sft.timeout_seconds=20", log=log,
                      UFO_FAILPOINT="sft.started=hang")
     assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]

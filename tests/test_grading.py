@@ -11,7 +11,7 @@ import pytest
 
 from stages.common import grading
 from stages.common.grading import Graded, count_distinct, equivalent, extract_answer, grade, reference_answer
-from tests.conftest import REPO, SHARED_DATA
+from tests.helpers import REPO, SHARED_DATA
 
 
 @pytest.mark.parametrize(("reply", "expected"), [("42", "42"), ("The answer is 42", "42"), ("", None), ("abc", None)])

@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from stages import curate, sft
+from stages import sft
 from stages.common.engine import build_engine
 from stages.common.model import build_model, checkpoint_dirs, load_pretrained, save_pretrained
 from stages.common.model_spec import EngineConfig, LoraConfig, ModelConfig
 from stages.common.tracking import fetch_verified
-from tests.conftest import FEEDBACK, multiplication_problems
+from tests.helpers import FEEDBACK, multiplication_problems
 
 pytest.importorskip("peft")  # until pyproject.toml lists peft outside the gpu extra
 
@@ -65,8 +65,7 @@ def test_only_adapter_parameters_change_and_the_merged_export_matches(base_folde
         assert (base(input_ids=ids).logits - want).abs().max() > 1e-3, "the adapters changed nothing"
 
 
-def test_sft_stage_with_lora_logs_a_merged_model_and_the_adapter(module_workspace, base_folder, tmp_path):
-    curated = curate.run(curate.Config(experiment="lora"))
+def test_sft_stage_with_lora_logs_a_merged_model_and_the_adapter(curated, base_folder, tmp_path):
     cfg = sft.Config(experiment="lora", data=curated, engine=LORA, max_steps=3, eval_every=3, val_problems=8,
                      batch_size=8, lr=1e-2, warmup_steps=0,
                      model=ModelConfig(init="pretrained", name_or_path=str(base_folder)))

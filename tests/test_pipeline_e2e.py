@@ -10,7 +10,7 @@ import pytest
 
 from stages.common.contracts import OUTPUT_TYPES
 from stages.common.tracking import fetch_verified
-from tests.conftest import find_runs, ufo_run, workspace_tracking_uri
+from tests.helpers import find_runs, metric_histories, ufo_run, use_workspace, workspace_tracking_uri
 
 T = 5
 METRICS = [f"succ_at_{k}" for k in range(1, T + 1)] + [f"pass_at_{k}" for k in range(1, T + 1)] + \
@@ -18,13 +18,19 @@ METRICS = [f"succ_at_{k}" for k in range(1, T + 1)] + [f"pass_at_{k}" for k in r
 
 
 @pytest.fixture(scope="module")
-def pipeline(module_workspace):
-    # No MLFLOW_TRACKING_URI: the default, a SQLite store inside the workspace.
-    proc = ufo_run(module_workspace, "configs/smoke.yaml")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))
-    proc.parents = find_runs("tags.`ufo.kind` = 'pipeline'")  # as they were right after the run
-    return proc
+def pipeline(tmp_path_factory):
+    """`ufo run configs/smoke.yaml` in an empty workspace, as on a fresh clone: the run creates its MLflow
+    store (no MLFLOW_TRACKING_URI: the default, a SQLite store inside the workspace) and its Prefect
+    database. The tests after it rerun in the same workspace (`pipeline.workspace`)."""
+    workspace = tmp_path_factory.mktemp("ufo")
+    with pytest.MonkeyPatch.context() as mp:
+        use_workspace(mp, workspace)
+        proc = ufo_run(workspace, "configs/smoke.yaml")
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+        mlflow.set_tracking_uri(workspace_tracking_uri(workspace))
+        proc.parents = find_runs("tags.`ufo.kind` = 'pipeline'")  # as they were right after the run
+        proc.workspace = workspace
+        yield proc
 
 
 def test_one_pipeline_run_with_four_finished_stage_runs(pipeline, tmp_path):
@@ -65,8 +71,8 @@ def test_every_evaluate_metric_is_logged_and_consistent(pipeline):
 
 def test_rl_logged_per_step_training_reward(pipeline):
     (rl_run,) = find_runs("tags.`ufo.stage` = 'rl'")
-    history = mlflow.MlflowClient().get_metric_history(rl_run.info.run_id, "rollout/reward_mean")
-    assert [h.step for h in history] == [1, 2, 3, 4]
+    history = metric_histories(rl_run.info.run_id, keys=["rollout/reward_mean"])["rollout/reward_mean"]
+    assert [step for step, _ in history] == [1, 2, 3, 4]
 
 
 def test_stage_output_streams_into_prefect_logs(pipeline):
@@ -75,10 +81,10 @@ def test_stage_output_streams_into_prefect_logs(pipeline):
         assert f"Task run '{stage}'" in log and f"[{stage}] {stage}: done, MLflow run" in log
 
 
-def test_rerun_from_an_earlier_run_reuses_upstream_stages(pipeline, module_workspace):
-    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))
+def test_rerun_from_an_earlier_run_reuses_upstream_stages(pipeline):
+    mlflow.set_tracking_uri(workspace_tracking_uri(pipeline.workspace))
     (parent,) = pipeline.parents
-    proc = ufo_run(module_workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "evaluate",
+    proc = ufo_run(pipeline.workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "evaluate",
                    "--set", "evaluate.max_problems=20")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     (rerun,) = [r for r in find_runs("tags.`ufo.kind` = 'pipeline'") if r.info.run_id != parent.info.run_id]
@@ -90,15 +96,15 @@ def test_rerun_from_an_earlier_run_reuses_upstream_stages(pipeline, module_works
     assert new_eval.info.run_id != old["evaluate"]
 
 
-def test_a_failing_stage_fails_the_pipeline_clearly_after_its_retries(tmp_path):
-    proc = ufo_run(tmp_path / "ws", "configs/smoke.yaml", "--set", "curate.sources=[{kind: gsm8k, path: /nonexistent}]",
+def test_a_failing_stage_fails_the_pipeline_clearly_after_its_retries(ufo_workspace):
+    proc = ufo_run(ufo_workspace, "configs/smoke.yaml", "--set", "curate.sources=[{kind: gsm8k, path: /nonexistent}]",
                    "--set", "flow.curate.retries=1", "--set", "flow.retry_delay_seconds=0")
     assert proc.returncode == 1
     assert "error: pipeline failed: stage curate exited with code 2" in proc.stderr
     assert "sources.0.path: /nonexistent: no such file" in proc.stderr  # the stage's own message, from its log tail
     log = proc.stdout + proc.stderr
     assert log.count("-m stages.curate --config") == 2  # the first attempt and one retry
-    mlflow.set_tracking_uri(workspace_tracking_uri(tmp_path / "ws"))
+    mlflow.set_tracking_uri(workspace_tracking_uri(ufo_workspace))
     (parent,) = find_runs("tags.`ufo.kind` = 'pipeline'")
     assert parent.info.status == "FAILED"
     assert not find_runs("tags.`ufo.stage` = 'sft'")  # nothing downstream ran
@@ -113,11 +119,11 @@ def _new_pipeline(before: set[str]):
     return run
 
 
-def test_an_identical_rerun_takes_every_stage_from_the_cache(pipeline, module_workspace):
-    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))  # another test may have moved it
+def test_an_identical_rerun_takes_every_stage_from_the_cache(pipeline):
+    mlflow.set_tracking_uri(workspace_tracking_uri(pipeline.workspace))  # another test may have moved it
     (first,) = pipeline.parents
     before = {r.info.run_id for r in find_runs("tags.`ufo.kind` = 'pipeline'")}
-    proc = ufo_run(module_workspace, "configs/smoke.yaml")
+    proc = ufo_run(pipeline.workspace, "configs/smoke.yaml")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     again = _new_pipeline(before)
     assert again.info.status == "FINISHED"
@@ -132,10 +138,10 @@ def test_an_identical_rerun_takes_every_stage_from_the_cache(pipeline, module_wo
     assert (proc.stdout + proc.stderr).count("cache hit") == 4  # Prefect logs to stderr off a terminal
 
 
-def test_changing_only_an_evaluate_field_reruns_only_evaluate(pipeline, module_workspace):
-    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))
+def test_changing_only_an_evaluate_field_reruns_only_evaluate(pipeline):
+    mlflow.set_tracking_uri(workspace_tracking_uri(pipeline.workspace))
     before = {r.info.run_id for r in find_runs("tags.`ufo.kind` = 'pipeline'")}
-    proc = ufo_run(module_workspace, "configs/smoke.yaml", "--set", "evaluate.temperature=0.7")
+    proc = ufo_run(pipeline.workspace, "configs/smoke.yaml", "--set", "evaluate.temperature=0.7")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     runs = _stage_runs(_new_pipeline(before).info.run_id)
     hits = {stage for stage, r in runs.items() if r.data.tags.get("ufo.cache.hit") == "true"}
@@ -143,17 +149,17 @@ def test_changing_only_an_evaluate_field_reruns_only_evaluate(pipeline, module_w
     assert runs["evaluate"].info.status == "FINISHED" and "ufo.cache.hit" not in runs["evaluate"].data.tags
     # --force computes everything again, cache or not.
     before = {r.info.run_id for r in find_runs("tags.`ufo.kind` = 'pipeline'")}
-    proc = ufo_run(module_workspace, "configs/smoke.yaml", "--force", "--set", "rl.steps=2",
+    proc = ufo_run(pipeline.workspace, "configs/smoke.yaml", "--force", "--set", "rl.steps=2",
                    "--set", "evaluate.max_problems=20")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     runs = _stage_runs(_new_pipeline(before).info.run_id)
     assert not any("ufo.cache.hit" in r.data.tags for r in runs.values())
 
 
-def test_from_run_refuses_upstream_stages_made_under_another_config(pipeline, module_workspace):
-    mlflow.set_tracking_uri(workspace_tracking_uri(module_workspace))
+def test_from_run_refuses_upstream_stages_made_under_another_config(pipeline):
+    mlflow.set_tracking_uri(workspace_tracking_uri(pipeline.workspace))
     (parent,) = pipeline.parents
-    proc = ufo_run(module_workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "rl",
+    proc = ufo_run(pipeline.workspace, "configs/smoke.yaml", "--from-run", parent.info.run_id, "--only", "rl",
                    "--set", "rl.feedback=Try again.", "--set", "sft.lr=0.001")
     assert proc.returncode == 2, proc.stderr
     # rl.feedback propagates to sft.feedback: the SFT model was trained on other feedback text.

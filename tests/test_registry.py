@@ -21,7 +21,7 @@ from stages.common.contracts import CurateOutput, RLOutput
 from stages.common.model import new_scratch_model
 from stages.common.model_spec import ModelConfig
 from stages.common.tracking import MLFLOW_MODEL_ARTIFACT, configure, fetch_verified, log_artifact, log_model
-from tests.conftest import FEEDBACK, multiplication_problems
+from tests.helpers import FEEDBACK, multiplication_problems
 
 EXPERIMENT = "registry-tests"
 PROBLEMS = multiplication_problems(8)

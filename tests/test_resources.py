@@ -23,7 +23,7 @@ from flows.resources import (
     quantity_bytes,
 )
 from stages.common.config import ConfigError, load_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 GPU_STAGE = Resources(cpus=8, memory="64Gi", shm_size="16Gi", gpus=1,
                       node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},

@@ -6,14 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.common.episodes import rollout
-from stages.common.model import save_pretrained
 from stages.rl import Config
 from stages.rl.batch import Batch, collate, micro_batches, padding_share, step_problems
 from stages.rl.models import build_models, critic_values, score
 from stages.rl.rewards import episode_return
 from stages.rl.stage import assign_advantages, episode_returns, forward_all, update
-from tests.conftest import multiplication_problems
+from tests.helpers import multiplication_problems
 
 
 def test_micro_batches_sort_by_length_and_minimise_slots_plus_calls():
@@ -43,16 +41,6 @@ def test_step_problems_are_a_pure_function_of_seed_and_step_and_cover_each_epoch
     assert epoch != [p.id for s in range(1, 6) for p in step_problems(problems, 4, s, 2)]  # the seed matters
     crossing = step_problems(problems, 3, 6, 3)  # positions 15..17: epoch 1, another permutation
     assert len(crossing) == 3
-
-
-@pytest.fixture(scope="module")
-def setup(tiny, tmp_path_factory):
-    """A rollout of the tiny random model, saved and reloaded the way the stage loads the SFT model."""
-    model, fmt, problems = tiny
-    folder = save_pretrained(model, fmt.tokenizer, tmp_path_factory.mktemp("m"))
-    torch.manual_seed(3)
-    episodes = rollout(model, fmt, problems[:4], group_size=4, max_turns=3, temperature=1.0, max_new_tokens=6)
-    return folder, fmt, episodes
 
 
 def _prepared(cfg: Config, folder, fmt, episodes, *, old_forward: bool, shared: bool = False):
@@ -87,8 +75,8 @@ CASES = [dict(algorithm="grpo"), dict(algorithm="ppo", critic="separate"), dict(
 
 
 @pytest.mark.parametrize("kw", CASES, ids=["grpo", "ppo-separate", "ppo-value-head"])
-def test_gradient_accumulation_over_micro_batches_matches_one_big_batch(setup, kw):
-    folder, fmt, episodes = setup
+def test_gradient_accumulation_over_micro_batches_matches_one_big_batch(tiny_rollout, kw):
+    folder, fmt, episodes = tiny_rollout
     results = []
     for budget, call_cost in ((4096, 10**6), (60, 0)):  # one micro-batch vs one per distinct length
         cfg = Config(problems_per_step=4, group_size=4, minibatch_size=16, micro_batch_tokens=budget,
@@ -107,10 +95,10 @@ def test_gradient_accumulation_over_micro_batches_matches_one_big_batch(setup, k
 
 
 @pytest.mark.parametrize("kw", CASES, ids=["grpo", "ppo-separate", "ppo-value-head"])
-def test_skipping_the_old_forward_gives_the_same_update(setup, kw):
+def test_skipping_the_old_forward_gives_the_same_update(tiny_rollout, kw):
     """One epoch, one minibatch: the detached log-probs of the update's own forward equal a separate
     pre-update forward, so skipping that forward changes nothing."""
-    folder, fmt, episodes = setup
+    folder, fmt, episodes = tiny_rollout
     cfg = Config(problems_per_step=4, group_size=4, minibatch_size=16, max_turns=3, max_new_tokens=6,
                  kl_coef=0.1, lr=1e-2, critic_lr=1e-2, **kw)
     assert cfg.skips_old_forward
@@ -125,10 +113,10 @@ def test_skipping_the_old_forward_gives_the_same_update(setup, kw):
 
 
 @pytest.mark.parametrize("kw", CASES, ids=["grpo", "ppo-separate", "ppo-value-head"])
-def test_shared_prefixes_give_the_same_scores_and_update(setup, kw):
+def test_shared_prefixes_give_the_same_scores_and_update(tiny_rollout, kw):
     """Each prompt run once for its group (Prefix Grouper) vs every episode in full: the same reference
     log-probs and critic values at every generated token, and the same parameters after the update."""
-    folder, fmt, episodes = setup
+    folder, fmt, episodes = tiny_rollout
     cfg = Config(problems_per_step=4, group_size=4, minibatch_size=8, ppo_epochs=2, max_turns=3, max_new_tokens=6,
                  max_prompt_tokens=12, max_feedback_tokens=4, micro_batch_tokens=60, micro_batch_call_cost=0,
                  kl_coef=0.1, lr=1e-2, critic_lr=1e-2, **kw)  # 2 epochs x 2 minibatches x several micro-batches
@@ -159,8 +147,8 @@ def test_old_forward_runs_when_it_is_not_redundant():
     assert Config(**base, minibatch_size=16, kl_mode="reward", kl_coef=0.0).skips_old_forward
 
 
-def test_collated_rows_are_trimmed_to_their_own_longest_episode(setup):
-    _, fmt, episodes = setup
+def test_collated_rows_are_trimmed_to_their_own_longest_episode(tiny_rollout):
+    _, fmt, episodes = tiny_rollout
     batch = collate(episodes, fmt.pad_id)
     shortest = torch.argsort(batch.lengths)[:3]
     mb = batch.rows(shortest)
@@ -172,8 +160,8 @@ def test_collated_rows_are_trimmed_to_their_own_longest_episode(setup):
     assert torch.equal(batch.rollout_logprobs != 0, batch.response_mask.bool())
 
 
-def test_episode_returns_follow_rollout_order(setup):
-    _, _, episodes = setup
+def test_episode_returns_follow_rollout_order(tiny_rollout):
+    _, _, episodes = tiny_rollout
     cfg = Config(problems_per_step=4, group_size=4, minibatch_size=16)
     expected = [episode_return(e.solved_turn, e.num_distinct, e.num_turns, 0.5, 0.5) for e in episodes]
     assert episode_returns(episodes, cfg).tolist() == pytest.approx(expected)

@@ -11,39 +11,21 @@ from __future__ import annotations
 import json
 
 import mlflow
-import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
 from flows.config import PipelineConfig
 from stages import rl
 from stages.common.config import load_config
-from stages.common.contracts import ArtifactRef, CurateOutput, SFTOutput
-from stages.common.model import save_pretrained
-from stages.common.tracking import configure, fetch_verified, log_artifact
+from stages.common.contracts import ArtifactRef
+from stages.common.tracking import fetch_verified
 from stages.rl.checkpoint import TAG_CHECKPOINT
-from tests.conftest import REPO
+from tests.helpers import REPO, metric_histories
 
 pytest.importorskip("deepspeed")
 
 STEPS = 2
 LR = 1e-3
-
-
-@pytest.fixture(scope="module")
-def upstream(module_workspace, tiny, tmp_path_factory) -> tuple[CurateOutput, SFTOutput]:
-    """What curate and SFT would hand over: the conftest's tiny random model and its 64 problems."""
-    model, fmt, problems = tiny
-    tmp = tmp_path_factory.mktemp("upstream")
-    train = tmp / "train.parquet"
-    pd.DataFrame({"id": [p.id for p in problems], "question": [p.question for p in problems],
-                  "answer": [p.answer for p in problems], "source": "multiplication"}).to_parquet(train)
-    configure("rl-ds-upstream")
-    with mlflow.start_run() as run:
-        data = CurateOutput(run_id=run.info.run_id, artifacts={"train": log_artifact(train, "data")})
-        sft = SFTOutput(run_id=run.info.run_id,
-                        artifacts={"model": log_artifact(save_pretrained(model, fmt.tokenizer, tmp / "m"), "model")})
-    return data, sft
 
 
 def _rl_section(upstream, **update) -> rl.Config:
@@ -60,12 +42,6 @@ def _rl_section(upstream, **update) -> rl.Config:
     return rl.Config.model_validate({**cfg.model_dump(mode="json"), **short, **update})
 
 
-def _histories(run_id: str) -> dict[str, list[float]]:
-    client = mlflow.MlflowClient()
-    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith(("perf/", "rl/"))]
-    return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
-
-
 @pytest.mark.slow
 def test_zero2_two_ranks_match_the_single_process_rl_run(upstream, tmp_path, monkeypatch):
     # One thread per process in both runs: the rollout's sampled tokens depend on the logits' last bits.
@@ -76,12 +52,13 @@ def test_zero2_two_ranks_match_the_single_process_rl_run(upstream, tmp_path, mon
     single = rl.run(_rl_section(upstream, engine={"kind": "torch"}))
     ranks = rl.run(zero2)
 
-    one, two = _histories(single.run_id), _histories(ranks.run_id)
+    one, two = (metric_histories(out.run_id, skip=("perf/", "rl/")) for out in (single, ranks))
     assert one.keys() == two.keys() and {"loss/policy", "loss/value", "loss/grad_norm", "loss/critic_grad_norm",
                                          "loss/kl", "rollout/reward_mean"} <= one.keys()
     for key in sorted(one):
-        assert len(one[key]) == len(two[key]) == STEPS, key  # logged once per step, by rank 0 only
-        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+        # logged once per step, by rank 0 only
+        assert [s for s, _ in one[key]] == [s for s, _ in two[key]] == list(range(1, STEPS + 1)), key
+        assert [v for _, v in two[key]] == pytest.approx([v for _, v in one[key]], rel=1e-4, abs=1e-6), key
     for key in ("loss/policy", "loss/value", "loss/grad_norm"):
         print(f"{key}: 1 process {one[key]}, 2 ranks {two[key]}")
 

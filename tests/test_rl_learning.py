@@ -10,13 +10,12 @@ For PPO the critic must also learn: its explained variance rises and its value l
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 
 from flows.config import PipelineConfig
 from stages import curate, rl, sft
 from stages.common.config import load_config
-from tests.conftest import REPO
+from tests.helpers import REPO, metric_history
 
 STEPS = 60
 
@@ -31,11 +30,6 @@ def upstream(module_workspace):
                                      "checkpoint_every": 0})
 
 
-def _curve(run_id: str, key: str) -> list[float]:
-    history = mlflow.MlflowClient().get_metric_history(run_id, key)
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
-
-
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -44,13 +38,13 @@ def _mean(xs: list[float]) -> float:
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_training_reward_rises(upstream, algorithm):
     out = rl.run(rl.Config.model_validate(upstream.model_dump() | {"algorithm": algorithm}))
-    reward = _curve(out.run_id, "rollout/reward_mean")
+    reward = metric_history(out.run_id, "rollout/reward_mean")
     assert len(reward) == STEPS
     first, last = _mean(reward[:10]), _mean(reward[-10:])
     print(f"\n{algorithm}: training reward, mean of steps 1-10 {first:.4f} -> steps {STEPS - 9}-{STEPS} {last:.4f}")
     assert last > first + 0.02
     if algorithm == "ppo":
-        ev, vloss = _curve(out.run_id, "loss/explained_variance"), _curve(out.run_id, "loss/value")
+        ev, vloss = metric_history(out.run_id, "loss/explained_variance"), metric_history(out.run_id, "loss/value")
         print(f"ppo critic: explained variance {_mean(ev[:10]):.3f} -> {_mean(ev[-10:]):.3f}, "
               f"value loss {_mean(vloss[:10]):.4f} -> {_mean(vloss[-10:]):.4f}")
         assert _mean(ev[-10:]) > _mean(ev[:10])

@@ -4,19 +4,14 @@ model whose logits equal the trained policy's."""
 
 from __future__ import annotations
 
-import mlflow
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from stages import rl
-from stages.common.contracts import CurateOutput, SFTOutput
-from stages.common.episodes import rollout
-from stages.common.model import save_pretrained
 from stages.common.model_spec import EngineConfig, LoraConfig
-from stages.common.tracking import configure, fetch_verified, log_artifact
+from stages.common.tracking import fetch_verified
 from stages.rl import Config
 from stages.rl.batch import collate, micro_batches
 from stages.rl.models import build_models, critic_values, score
@@ -26,16 +21,6 @@ pytest.importorskip("peft")  # until pyproject.toml lists peft outside the gpu e
 
 CPU = torch.device("cpu")
 LORA = EngineConfig(lora=LoraConfig(r=4, alpha=8))
-
-
-@pytest.fixture(scope="module")
-def setup(tiny, tmp_path_factory):
-    """The tiny random model saved as the SFT model, and one rollout of it."""
-    model, fmt, problems = tiny
-    folder = save_pretrained(model, fmt.tokenizer, tmp_path_factory.mktemp("m"))
-    torch.manual_seed(3)
-    episodes = rollout(model, fmt, problems[:4], group_size=4, max_turns=3, temperature=1.0, max_new_tokens=6)
-    return folder, fmt, episodes
 
 
 def _config(**kw) -> Config:
@@ -50,8 +35,8 @@ def _reference_logprobs(models, batch, chunks) -> torch.Tensor:
 
 @pytest.mark.parametrize("kw", [dict(algorithm="grpo"), dict(algorithm="ppo", critic="separate")],
                          ids=["grpo", "ppo-separate"])
-def test_lora_policy_trains_only_adapters_and_its_reference_is_the_base_model(setup, kw):
-    folder, fmt, episodes = setup
+def test_lora_policy_trains_only_adapters_and_its_reference_is_the_base_model(tiny_rollout, kw):
+    folder, fmt, episodes = tiny_rollout
     cfg = _config(**kw)
     models = build_models(cfg, folder, CPU)
     assert models.reference is None and models.has_reference  # no copy of the weights: the adapter is disabled
@@ -90,24 +75,9 @@ def test_lora_policy_trains_only_adapters_and_its_reference_is_the_base_model(se
     assert torch.equal(again, policy_logprobs)
 
 
-@pytest.fixture(scope="module")
-def upstream(module_workspace, tiny, tmp_path_factory) -> tuple[CurateOutput, SFTOutput, object]:
-    """What curate and SFT would hand over: the tiny random model and its 64 problems, logged to MLflow."""
-    model, fmt, problems = tiny
-    tmp = tmp_path_factory.mktemp("upstream")
-    train = tmp / "train.parquet"
-    pd.DataFrame({"id": [p.id for p in problems], "question": [p.question for p in problems],
-                  "answer": [p.answer for p in problems], "source": "multiplication"}).to_parquet(train)
-    folder = save_pretrained(model, fmt.tokenizer, tmp / "m")
-    configure("lora-upstream")
-    with mlflow.start_run() as run:
-        data = CurateOutput(run_id=run.info.run_id, artifacts={"train": log_artifact(train, "data")})
-        sft = SFTOutput(run_id=run.info.run_id, artifacts={"model": log_artifact(folder, "model")})
-    return data, sft, folder
-
-
 def test_rl_stage_with_lora_logs_a_merged_model_that_loads(upstream, tmp_path):
-    data, sft, base_folder = upstream
+    data, sft = upstream
+    base_folder = fetch_verified(sft.artifact("model"), tmp_path / "sft")
     cfg = rl.Config(experiment="rl-lora", data=data, sft=sft, steps=3, problems_per_step=4, group_size=4,
                     minibatch_size=16, max_turns=2, max_new_tokens=6, max_prompt_tokens=12, max_feedback_tokens=4,
                     lr=5e-2, critic_lr=1e-2, algorithm="ppo", critic="separate", kl_coef=0.05, engine=LORA)

@@ -11,35 +11,14 @@ import sys
 import time
 
 import mlflow
-import pandas as pd
-import pytest
 from safetensors.torch import load_file
 
 from stages import rl
-from stages.common.contracts import CurateOutput, SFTOutput
-from stages.common.model import save_pretrained
-from stages.common.tracking import configure, fetch_verified, log_artifact, tracking_uri
+from stages.common.tracking import fetch_verified, tracking_uri
 from stages.rl.checkpoint import TAG_CHECKPOINT, TAG_RESUMED_FROM
-from tests.conftest import REPO
+from tests.helpers import REPO, metric_histories
 
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def upstream(module_workspace, tiny, tmp_path_factory) -> tuple[CurateOutput, SFTOutput]:
-    """What curate and SFT would hand over, logged the same way but in a second: the conftest's tiny
-    random model as the SFT model, and its 64 problems as the train split."""
-    model, fmt, problems = tiny
-    tmp = tmp_path_factory.mktemp("upstream")
-    train = tmp / "train.parquet"
-    pd.DataFrame({"id": [p.id for p in problems], "question": [p.question for p in problems],
-                  "answer": [p.answer for p in problems], "source": "multiplication"}).to_parquet(train)
-    configure("resume-upstream")
-    with mlflow.start_run() as run:
-        data = CurateOutput(run_id=run.info.run_id, artifacts={"train": log_artifact(train, "data")})
-        sft = SFTOutput(run_id=run.info.run_id,
-                        artifacts={"model": log_artifact(save_pretrained(model, fmt.tokenizer, tmp / "m"), "model")})
-    return data, sft
 
 
 def _config(upstream, experiment: str) -> rl.Config:
@@ -47,12 +26,6 @@ def _config(upstream, experiment: str) -> rl.Config:
     return rl.Config(experiment=experiment, data=data, sft=model, steps=STEPS, problems_per_step=4, group_size=4,
                      minibatch_size=16, max_turns=2, max_new_tokens=6, max_prompt_tokens=12, max_feedback_tokens=4, lr=1e-2, critic_lr=1e-2, checkpoint_every=2,
                      algorithm="ppo", critic="separate", kl_coef=0.05)
-
-
-def _history(run_id: str) -> dict[str, list[tuple[int, float]]]:
-    client = mlflow.MlflowClient()
-    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("perf/") and not k.startswith("rl/")]
-    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
 def test_killed_rl_stage_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(upstream, tmp_path,
@@ -97,7 +70,7 @@ def test_killed_rl_stage_resumes_from_its_checkpoint_and_matches_an_uninterrupte
     new_w = load_file(fetch_verified(resumed.artifact("model"), tmp_path / "b") / "model.safetensors")
     assert ref_w.keys() == new_w.keys()
     assert all(ref_w[k].equal(new_w[k]) for k in ref_w)
-    ref_h, new_h = _history(reference.run_id), _history(resumed.run_id)
+    ref_h, new_h = (metric_histories(out.run_id, skip=("perf/", "rl/")) for out in (reference, resumed))
     assert "loss/value" in ref_h and "rollout/reward_mean" in ref_h
     assert ref_h.keys() == new_h.keys()
     for key in ref_h:

@@ -6,32 +6,19 @@ from __future__ import annotations
 
 import random
 
-import mlflow
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages import curate, sft
-from stages.common.chat import ChatFormat
+from stages import sft
 from stages.common.config import ConfigError, load_config
-from stages.common.model import build_model
 from stages.common.model_spec import ModelConfig
 from stages.common.tracking import fetch_verified
 from stages.sft.batching import micro_batches, num_targets, pack_batch, pad_batch
 from stages.sft.stage import lr_lambda, make_examples
-from tests.conftest import FEEDBACK, REPO, multiplication_problems
+from tests.helpers import REPO, TINY_CHAT, metric_history
 
 CPU = torch.device("cpu")
-TINY_CHAT = ModelConfig(init="scratch_chat", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                        intermediate_size=64, max_position_embeddings=192)
-
-
-@pytest.fixture(scope="module")
-def chat():
-    problems = multiplication_problems()
-    torch.manual_seed(0)
-    model, tok = build_model(TINY_CHAT, [p.question for p in problems] + [p.answer for p in problems], FEEDBACK, CPU)
-    return model, ChatFormat(tok, FEEDBACK), problems
 
 
 def _examples(fmt, problems, **cfg):
@@ -55,9 +42,9 @@ def _grads(model, batches, targets):
 
 
 @pytest.mark.parametrize("batching", ["bucket", "pad", "pack"])
-def test_accumulated_micro_batches_give_the_one_batch_gradient(chat, batching):
+def test_accumulated_micro_batches_give_the_one_batch_gradient(tiny_chat, batching):
     """4 micro-batches of 8, each bucketed, padded or packed == one padded batch of 32, to float error."""
-    model, fmt, problems = chat
+    model, fmt, problems = tiny_chat
     config, examples = _examples(fmt, problems, micro_batch_size=8, batching=batching, pack_length=96)
     targets = num_targets(examples)
     batches = micro_batches(examples, config, fmt.pad_id, 96, CPU)
@@ -68,8 +55,8 @@ def test_accumulated_micro_batches_give_the_one_batch_gradient(chat, batching):
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_packed_rows_keep_attention_within_each_example(chat):
-    model, fmt, problems = chat
+def test_packed_rows_keep_attention_within_each_example(tiny_chat):
+    model, fmt, problems = tiny_chat
     _, examples = _examples(fmt, problems)
     packed = pack_batch(examples, fmt.pad_id, 192, CPU)
     assert packed["input_ids"].shape[0] < len(examples) / 3  # several examples a row
@@ -84,8 +71,8 @@ def test_packed_rows_keep_attention_within_each_example(chat):
     assert int((packed["labels"] != -100).sum()) == sum(sum(m) for _, m, _ in examples)
 
 
-def test_pack_refuses_an_example_longer_than_a_row(chat):
-    _, fmt, problems = chat
+def test_pack_refuses_an_example_longer_than_a_row(tiny_chat):
+    _, fmt, problems = tiny_chat
     _, examples = _examples(fmt, problems)
     with pytest.raises(ConfigError, match="sft.pack_length"):
         pack_batch(examples, fmt.pad_id, 20, CPU)
@@ -115,8 +102,7 @@ def test_model_spec_defaults_are_safe():
     assert (REPO / "configs" / "tiny-chat.yaml").is_file()
 
 
-def test_tiny_chat_sft_stage_logs_a_plain_transformers_chat_model(module_workspace, tmp_path):
-    curated = curate.run(curate.Config(experiment="sft-scale"))
+def test_tiny_chat_sft_stage_logs_a_plain_transformers_chat_model(curated, tmp_path):
     cfg = sft.Config(experiment="sft-scale", data=curated, model=TINY_CHAT, max_steps=6, eval_every=3,
                      val_problems=16, batch_size=16, micro_batch_size=8, batching="pack", log_every=2,
                      lr=1e-2, warmup_steps=0)
@@ -127,7 +113,7 @@ def test_tiny_chat_sft_stage_logs_a_plain_transformers_chat_model(module_workspa
     assert type(model).__name__ == "Qwen2ForCausalLM"
     text = tok.apply_chat_template([{"role": "user", "content": "123*4"}], tokenize=False, add_generation_prompt=True)
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
-    losses = [m.value for m in mlflow.MlflowClient().get_metric_history(out.run_id, "loss/sft")]
+    losses = metric_history(out.run_id, "loss/sft")
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert out.metrics["sft/steps"] == 6
 
@@ -150,8 +136,8 @@ def test_paper_configs_hold_the_paper_setting_and_no_neighbour_paths(name):
             assert "shared" not in path and ".." not in path, path
 
 
-def test_pretrained_weights_load_from_safetensors_only(chat, tmp_path):
-    model, fmt, _ = chat
+def test_pretrained_weights_load_from_safetensors_only(tiny_chat, tmp_path):
+    model, fmt, _ = tiny_chat
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # pickled weights only
     fmt.tokenizer.save_pretrained(tmp_path)

@@ -15,17 +15,12 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from stages import curate, evaluate, rl, sft
+from stages import evaluate, rl, sft
 from stages.common.model_spec import ModelConfig
 from stages.common.tracking import fetch_verified, sha256_path, tracking_uri
-from tests.conftest import REPO
+from tests.helpers import REPO, metric_history
 
 SMALL_MODEL = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-
-
-@pytest.fixture(scope="module")
-def curated(module_workspace) -> curate.Output:
-    return curate.run(curate.Config(experiment="stages"))
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +42,12 @@ def _weights(output, tmp_path, name="model"):
     return load_file(folder / "model.safetensors")
 
 
-def _metric_history(run_id, key):
-    return [m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
-
-
 def test_sft_trains_and_logs_a_verifiable_model(sft_out, tmp_path):
     assert sft_out.run_id and set(sft_out.artifacts) == {"model", "mlflow_model"}
     folder = fetch_verified(sft_out.artifact("model"), tmp_path)
     assert {"model.safetensors", "tokenizer.json", "config.json"} <= {p.name for p in folder.iterdir()}
     assert sft_out.metrics["sft/steps"] == 6
-    assert len(_metric_history(sft_out.run_id, "val/sampled_accuracy")) == 2
+    assert len(metric_history(sft_out.run_id, "val/sampled_accuracy")) == 2
     run = mlflow.MlflowClient().get_run(sft_out.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["ufo.stage"] == "sft"
 
@@ -76,8 +67,8 @@ def test_rl_updates_the_policy_and_logs_per_step_metrics(sft_out, rl_out, tmp_pa
     before, after = _weights(sft_out, tmp_path), _weights(rl_out, tmp_path)
     assert any(not before[k].equal(after[k]) for k in before)
     for key in ("rollout/reward_mean", "rollout/succ_at_1", "rollout/avg_turns", "loss/policy", "loss/kl"):
-        assert len(_metric_history(rl_out.run_id, key)) == 2, key
-    turns = _metric_history(rl_out.run_id, "rollout/avg_turns")
+        assert len(metric_history(rl_out.run_id, key)) == 2, key
+    turns = metric_history(rl_out.run_id, "rollout/avg_turns")
     assert all(1 <= t <= 5 for t in turns)
 
 
@@ -121,14 +112,13 @@ def test_consuming_runs_show_their_datasets_models_and_telemetry(curated, sft_ou
         folder = fetch_verified(out.artifact("mlflow_model"), tmp_path / name)  # the digest of what was uploaded
         assert "transformers" in (folder / "MLmodel").read_text()
     for key in ("train/lr", "loss/grad_norm", "perf/tokens_per_second", "train/num_tokens"):
-        assert len(_metric_history(sft_out.run_id, key)) == 3, key  # steps 2, 4, 6
-    history = sorted(mlflow.MlflowClient().get_metric_history(sft_out.run_id, "train/num_tokens"), key=lambda m: m.step)
-    tokens = [m.value for m in history]
+        assert len(metric_history(sft_out.run_id, key)) == 3, key  # steps 2, 4, 6
+    tokens = metric_history(sft_out.run_id, "train/num_tokens")
     assert tokens[0] > 0 and all(a < b for a, b in zip(tokens, tokens[1:], strict=False))  # counted, growing
     for key in ("train/lr", "loss/grad_norm", "perf/tokens_per_second", "perf/generated_tokens_per_second"):
-        assert len(_metric_history(rl_out.run_id, key)) == 2, key
-    assert _metric_history(rl_out.run_id, "train/lr") == [1e-2, 1e-2]
-    assert all(v > 0 for v in _metric_history(rl_out.run_id, "perf/tokens_per_second"))
+        assert len(metric_history(rl_out.run_id, key)) == 2, key
+    assert metric_history(rl_out.run_id, "train/lr") == [1e-2, 1e-2]
+    assert all(v > 0 for v in metric_history(rl_out.run_id, "perf/tokens_per_second"))
 
 
 def test_stage_refuses_an_artifact_whose_digest_does_not_match(curated, tmp_path):

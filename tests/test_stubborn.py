@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import torch
 
-from stages import curate, sft
+from stages import sft
 from stages.common.chat import ChatFormat
 from stages.common.grading import equivalent
 from stages.common.model import build_model
@@ -18,7 +18,7 @@ from stages.common.model_spec import ModelConfig
 from stages.rl.rewards import group_plausible_distinct, plausible_distinct
 from stages.sft.config import StubbornConfig
 from stages.sft.stubborn import near_miss, stubborn_examples
-from tests.conftest import FEEDBACK, multiplication_problems
+from tests.helpers import FEEDBACK, metric_histories, multiplication_problems
 
 CPU = torch.device("cpu")
 TINY = ModelConfig(init="scratch", hidden_size=32, num_layers=1, num_heads=4, max_position_embeddings=192)
@@ -91,8 +91,7 @@ def test_single_turn_share_trains_the_gold_answer(fmt_and_problems):
     assert all(k == 0 and _target_text(fmt, ids, mask).strip() in golds for ids, mask, k in examples)
 
 
-def test_stubborn_warm_start_runs_in_the_sft_stage_and_logs_its_behaviour(module_workspace):
-    curated = curate.run(curate.Config(experiment="stubborn"))
+def test_stubborn_warm_start_runs_in_the_sft_stage_and_logs_its_behaviour(curated):
     stub = StubbornConfig(sample_problems=32, imprint_steps=4, blend_steps=2, eval_problems=16)
     cfg = sft.Config(experiment="stubborn", data=curated, model=TINY, max_steps=4, eval_every=4, val_problems=16,
                      batch_size=16, log_every=2, warm_start="stubborn", stubborn=stub)
@@ -102,8 +101,8 @@ def test_stubborn_warm_start_runs_in_the_sft_stage_and_logs_its_behaviour(module
     for key in ("sft/stubborn/repeat_share", "sft/stubborn/before_repeat_share", "sft/stubborn/succ_at_1",
                 "sft/stubborn/problems_with_wrong_answers"):
         assert key in run.data.metrics, key
-    history = mlflow.MlflowClient().get_metric_history(out.run_id, "loss/stubborn_imprint")
-    assert [m.step for m in history] == [6, 8]  # logged after the warm start's own 4 steps
+    history = metric_histories(out.run_id, keys=["loss/stubborn_imprint"])["loss/stubborn_imprint"]
+    assert [step for step, _ in history] == [6, 8]  # logged after the warm start's own 4 steps
 
 
 def test_stubborn_needs_the_plain_torch_engine():

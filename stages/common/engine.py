@@ -12,20 +12,13 @@ engine on one of several data-parallel ranks.
 Loss convention: every rank passes its share of the GLOBAL objective (e.g. summed token losses of its
 micro-batch divided by the token count of the whole step over all ranks), so that the shares add up to
 the single-process loss exactly; the engine undoes DeepSpeed's own averaging over ranks and micro-steps.
-Ranks are started by a launcher (`launch_ranks`), never by this module's caller directly: see
-`stages/sft/stage.py`.
+Ranks are started by a launcher (`stages/common/rank.py`), never by this module's caller directly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import os
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +29,7 @@ from torch import nn
 
 from stages.common.model import save_pretrained
 from stages.common.model_spec import EngineConfig
+from stages.common.processes import free_port
 
 #: Environment variables set by torchrun and the deepspeed launcher in every rank.
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -209,7 +203,7 @@ def deepspeed_config(spec: EngineConfig, *, grad_clip: float, micro_steps: int, 
 
 
 class DeepSpeedEngine:
-    """A DeepSpeed ZeRO-2/3 engine on this rank (the ranks were started by `launch_ranks`)."""
+    """A DeepSpeed ZeRO-2/3 engine on this rank (the ranks were started by stages/common/rank.py)."""
 
     def __init__(self, module: nn.Module, spec: EngineConfig, *, lr: float, weight_decay: float, grad_clip: float,
                  lr_lambda: Callable[[int], float], micro_steps: int):
@@ -309,7 +303,7 @@ def build_engine(model: nn.Module, spec: EngineConfig, *, lr: float, weight_deca
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ranks: started by torchrun or the deepspeed launcher, stopped with the stage
+# Ranks: started by torchrun or the deepspeed launcher (stages/common/rank.py), stopped with the stage
 
 
 def is_rank_process() -> bool:
@@ -331,69 +325,3 @@ def init_process_group(spec: EngineConfig) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-
-
-def die_with_parent() -> None:
-    """Make this rank exit when its launcher dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG).
-
-    The flow stops a stage by signalling its whole process group, which holds the launcher and the
-    ranks; this covers the stage or the launcher being killed alone.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    if os.getppid() == 1:  # the launcher died before the prctl took effect
-        os._exit(143)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_command(spec: EngineConfig, module: str, args: list[str]) -> list[str]:
-    """The command that starts `spec.num_processes` ranks of `python -m module args` on this machine."""
-    n, port = spec.num_processes, str(free_port())
-    if spec.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--nnodes", "1",
-                "--master_addr", "127.0.0.1", "--master_port", port, "-m", module, *args]
-    # The deepspeed launcher counts GPUs; on a CPU-only machine --num_gpus still sets the rank count.
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
-            "--no_local_rank", "--module", module, *args]  # ranks read LOCAL_RANK from the environment
-
-
-def launch_ranks(spec: EngineConfig, module: str, args: list[str], *, env: dict[str, str] | None = None,
-                 grace_seconds: float = 10.0) -> int:
-    """Run the ranks to completion from the stage process; return the launcher's exit code.
-
-    The launcher stays in the stage's process group (so the flow's group kill reaches every rank) and gets
-    the parent-death signal (so a SIGKILLed stage leaves no rank behind). If the stage is interrupted
-    (KeyboardInterrupt, or `Terminated` from SIGTERM) while waiting, the launcher is stopped — SIGTERM,
-    which torchrun and the deepspeed launcher forward to their ranks, then SIGKILL after the grace — and
-    the interrupt propagates.
-    """
-    threads = max(1, int(os.environ.get("UFO_THREADS") or _cpu_budget()) // spec.num_processes)
-    env = {**os.environ, **(env or {}), "UFO_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    env.setdefault("PYTHONUNBUFFERED", "1")
-
-    def die_with_stage():  # between fork and exec, in the launcher
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-    proc = subprocess.Popen(launch_command(spec, module, args), env=env, preexec_fn=die_with_stage)
-    try:
-        return proc.wait()
-    except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        raise
-
-
-def _cpu_budget() -> int:
-    from stages.common.runtime import cpu_budget
-
-    return cpu_budget()

@@ -21,10 +21,10 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 
@@ -65,7 +65,61 @@ ROW_FEATURES = datasets.Features({
     "contam_id": datasets.Value("string"),
     "contam_ngram": datasets.Value("string"),
 })
-_EMPTY = {name: None for name in ROW_FEATURES}
+
+
+class Where(NamedTuple):
+    """Where a record was read: its file (or "generated"), its 1-based line in a line-based file (None
+    otherwise) and its 0-based record index in the file or hub split."""
+
+    file: str
+    line: int | None
+    row: int
+
+
+@dataclass(slots=True)
+class Row:
+    """One record read, as it lands in Arrow (`ROW_FEATURES`, the same columns in the same order)."""
+
+    status: str
+    """ok | quarantined | filtered"""
+    reason: str | None = None
+    """a schemas.REASONS name when quarantined"""
+    detail: str | None = None
+    excerpt: str | None = None
+    """the start of the raw record, quarantined rows only"""
+    file: str | None = None
+    line: int | None = None
+    row: int | None = None
+    id: str | None = None
+    question: str | None = None
+    answer: str | None = None
+    solution: str | None = None
+    level: int | None = None
+    subject: str | None = None
+    source: str | None = None
+    split: str | None = None
+    """train | val | test | eval"""
+    key: str | None = None
+    """the normalised question, kept for eval rows only"""
+    key_hash: int | None = None
+    q_hash: int | None = None
+    contam_kind: str | None = None
+    """exact | ngram, for a train row that meets an eval row (`EvalIndex.match`)"""
+    contam_set: str | None = None
+    contam_id: str | None = None
+    contam_ngram: str | None = None
+
+    @classmethod
+    def at(cls, where: Where, status: str, source: str, **fields) -> Row:
+        return cls(status, file=where.file, line=where.line, row=where.row, source=source, **fields)
+
+    def contaminated_by(self, hit: tuple[str, str, str, str | None] | None) -> Row:
+        if hit is not None:
+            self.contam_kind, self.contam_set, self.contam_id, self.contam_ngram = hit
+        return self
+
+
+assert [f.name for f in fields(Row)] == list(ROW_FEATURES), "Row and ROW_FEATURES must list the same columns"
 
 
 @dataclass
@@ -141,7 +195,7 @@ def _split_of(ctx: RowContext, key: str) -> str:
     return "test" if u < ctx.test_fraction else "val" if u < ctx.test_fraction + ctx.val_fraction else "train"
 
 
-def finish_row(ctx: RowContext, ex: Extracted, where: dict) -> dict:
+def finish_row(ctx: RowContext, ex: Extracted, where: Where) -> Row:
     """Checks every schema shares (question present and within budget), then keys, id, split and
     contamination. Raises Rejected for a question that is empty or too long."""
     question = ex.question.strip()
@@ -155,24 +209,22 @@ def finish_row(ctx: RowContext, ex: Extracted, where: dict) -> dict:
             raise Rejected(schemas.INVALID_UTF8, f"the {name} holds a lone surrogate (an invalid \\u escape)")
     question_words = words(question)
     key = " ".join(question_words)
-    row = {**_EMPTY, **where, "status": "ok", "id": row_id(ctx.source, question, answer), "question": question,
-           "answer": answer, "solution": ex.solution, "level": ex.level, "subject": ex.subject,
-           "source": ctx.source, "key_hash": hash64(key), "q_hash": hash64(question),
-           "split": _split_of(ctx, ex.group.strip() if ex.group else key)}
+    row = Row.at(where, "ok", ctx.source, id=row_id(ctx.source, question, answer), question=question, answer=answer,
+                 solution=ex.solution, level=ex.level, subject=ex.subject, key_hash=hash64(key),
+                 q_hash=hash64(question), split=_split_of(ctx, ex.group.strip() if ex.group else key))
     if ctx.role == "eval":
-        row["key"] = key
-    elif ctx.index is not None and (hit := ctx.index.match(key, question_words)) is not None:
-        row["contam_kind"], row["contam_set"], row["contam_id"], row["contam_ngram"] = hit
+        row.key = key
+    elif ctx.index is not None:
+        row.contaminated_by(ctx.index.match(key, question_words))
     return row
 
 
-def _quarantined(where: dict, ctx: RowContext, reason: str, detail: str, raw: str | None) -> dict:
+def _quarantined(where: Where, ctx: RowContext, reason: str, detail: str, raw: str | None) -> Row:
     excerpt = raw[:EXCERPT_CHARS] if raw is not None else None
-    return {**_EMPTY, **where, "status": "quarantined", "reason": reason, "detail": detail, "excerpt": excerpt,
-            "source": ctx.source}
+    return Row.at(where, "quarantined", ctx.source, reason=reason, detail=detail, excerpt=excerpt)
 
 
-def process_record(ctx: RowContext, rec: Any, where: dict, raw: str | None) -> dict:
+def process_record(ctx: RowContext, rec: Any, where: Where, raw: str | None) -> Row:
     """One record read -> one row (ok, quarantined or filtered). Never raises on bad data."""
     if not isinstance(rec, dict):
         return _quarantined(where, ctx, schemas.NOT_JSON, f"a JSON {type(rec).__name__}, not an object", raw)
@@ -183,26 +235,26 @@ def process_record(ctx: RowContext, rec: Any, where: dict, raw: str | None) -> d
             raw = json.dumps(rec, ensure_ascii=False, default=str)
         return _quarantined(where, ctx, r.reason, r.detail, raw)
     except FilteredOut:
-        return {**_EMPTY, **where, "status": "filtered", "source": ctx.source}
+        return Row.at(where, "filtered", ctx.source)
 
 
-def _apply_token_budget(ctx: RowContext, rows: list[dict]) -> None:
+def _apply_token_budget(ctx: RowContext, rows: list[Row]) -> None:
     """Quarantine questions over `max_tokens` (one batched encode for the whole batch)."""
     if ctx.max_tokens is None:
         return
-    ok = [r for r in rows if r["status"] == "ok"]
-    encodings = _tokenizer(ctx.tokenizer).encode_batch([r["question"] for r in ok], add_special_tokens=False)
-    for r, enc in zip(ok, encodings, strict=True):
+    ok = [i for i, r in enumerate(rows) if r.status == "ok"]
+    encodings = _tokenizer(ctx.tokenizer).encode_batch([rows[i].question for i in ok], add_special_tokens=False)
+    for i, enc in zip(ok, encodings, strict=True):
         if len(enc.ids) > ctx.max_tokens:
-            raw = r["question"]
-            r.update({**_EMPTY, "status": "quarantined", "reason": schemas.QUESTION_TOO_LONG,
-                      "detail": f"{len(enc.ids)} tokens > max_question_tokens {ctx.max_tokens}",
-                      "excerpt": raw[:EXCERPT_CHARS], "source": r["source"], "file": r["file"], "line": r["line"],
-                      "row": r["row"]})
+            r = rows[i]
+            rows[i] = Row.at(Where(r.file, r.line, r.row), "quarantined", r.source, reason=schemas.QUESTION_TOO_LONG,
+                             detail=f"{len(enc.ids)} tokens > max_question_tokens {ctx.max_tokens}",
+                             excerpt=r.question[:EXCERPT_CHARS])
 
 
-def _columns(rows: list[dict]) -> dict[str, list]:
-    return {name: [r[name] for r in rows] for name in ROW_FEATURES}
+def _columns(rows: list[Row]) -> dict[str, list]:
+    """Rows as the column batch `datasets.map` takes back (`ROW_FEATURES`)."""
+    return {name: [getattr(r, name) for r in rows] for name in ROW_FEATURES}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,7 +298,7 @@ def plan_chunks(path: Path, max_rows: int | None) -> list[dict]:
 
 def _parse_chunks(batch: dict, *, ctx: RowContext, path: str, file: str, line_based: bool) -> dict:
     """datasets.map body: a batch of chunk descriptors -> one row per non-blank line of those chunks."""
-    rows: list[dict] = []
+    rows: list[Row] = []
     with open(path, "rb") as f:
         for start, end, first_line in zip(batch["start"], batch["end"], batch["line"], strict=True):
             f.seek(start)
@@ -257,7 +309,7 @@ def _parse_chunks(batch: dict, *, ctx: RowContext, path: str, file: str, line_ba
                 lines = data.split(b"\n")
             for offset, text in enumerate(lines):
                 number = first_line + offset
-                where = {"file": file, "line": number if line_based else None, "row": number - 1}
+                where = Where(file, number if line_based else None, number - 1)
                 if isinstance(text, bytes):
                     try:
                         text = text.decode("utf-8")
@@ -331,7 +383,7 @@ def _first_char(path: Path) -> bytes:
 def _parse_table(batch: dict, indices: list[int], *, ctx: RowContext, file: str) -> dict:
     """datasets.map body: a batch of raw records -> one row each."""
     names = list(batch)
-    rows = [process_record(ctx, dict(zip(names, values, strict=True)), {"file": file, "line": None, "row": i}, None)
+    rows = [process_record(ctx, dict(zip(names, values, strict=True)), Where(file, None, i), None)
             for i, values in zip(indices, zip(*batch.values(), strict=True), strict=True)]
     _apply_token_budget(ctx, rows)
     return _columns(rows)
@@ -565,11 +617,11 @@ def multiplication_rows(src: MultiplicationSource, seed: int, eval_index: EvalIn
         question = f"{a}*{b}"
         key_words = words(question)
         key = " ".join(key_words)
-        row = {**_EMPTY, "status": "ok", "file": "generated", "row": i, "id": f"mul/{a}x{b}", "question": question,
-               "answer": str(a * b), "source": src.name, "split": split_of[tuple(sorted((a, b)))],
-               "key_hash": hash64(key), "q_hash": hash64(question)}
-        if eval_index is not None and (hit := eval_index.match(key, key_words)) is not None:
-            row["contam_kind"], row["contam_set"], row["contam_id"], row["contam_ngram"] = hit
+        row = Row.at(Where("generated", None, i), "ok", src.name, id=f"mul/{a}x{b}", question=question,
+                     answer=str(a * b), split=split_of[tuple(sorted((a, b)))], key_hash=hash64(key),
+                     q_hash=hash64(question))
+        if eval_index is not None:
+            row.contaminated_by(eval_index.match(key, key_words))
         rows.append(row)
     origin = {"generator": src.model_dump(mode="json")}
     return SourceRead(src.name, "train", datasets.Dataset.from_dict(_columns(rows), features=ROW_FEATURES), origin)

@@ -33,10 +33,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from stages.common.contracts import ArtifactRef
+from stages.common.ranks import Ranks
 from stages.common.tracking import fetch_verified, sha256_path
 from stages.rl.config import Config
 from stages.rl.models import Models
-from stages.rl.ranks import Ranks
 
 log = logging.getLogger("ufo.rl")
 

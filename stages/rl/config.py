@@ -27,7 +27,7 @@ class Config(StageConfig):
     engine: EngineConfig = EngineConfig()
     """How the policy and the critic train: plain torch in this process (default), or DeepSpeed ZeRO-2 on
     `num_processes` ranks this stage launches itself (rank 0 rolls out and broadcasts the episodes, each rank
-    scores and trains on its share of the micro-batches, see stages/rl/ranks.py; the rollout does not get
+    scores and trains on its share of the micro-batches, see stages/common/ranks.py; the rollout does not get
     faster with more ranks, the forwards, backwards and optimizer memory do; shared_prefix is off there).
     `lora`: LoRA adapters (peft) on the policy only; the KL reference is then the policy with its adapter
     disabled (the SFT weights exactly, no second copy in memory), the critic still trains all its weights,

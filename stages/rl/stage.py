@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -19,10 +18,11 @@ from transformers import AutoConfig
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
 from stages.common.contracts import Problem, load_split, problems_from
-from stages.common.engine import launch_ranks
 from stages.common.episodes import Episode, rollout
 from stages.common.metrics import episode_metrics
 from stages.common.model import load_tokenizer, resolve_device, seed_everything
+from stages.common.rank import run_on_ranks
+from stages.common.ranks import Ranks
 from stages.common.rollout_engines import RolloutEngine, make_engine
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import (
@@ -32,7 +32,6 @@ from stages.common.tracking import (
     fetch_verified,
     log_artifact,
     log_model,
-    write_json_atomic,
 )
 from stages.rl import checkpoint
 from stages.rl.batch import Batch, collate, forward_slots, micro_batches, padding_share, step_problems
@@ -58,7 +57,6 @@ from stages.rl.models import (
     score,
     supports_shared_prefix,
 )
-from stages.rl.ranks import Ranks
 from stages.rl.rewards import episode_return, group_plausible_distinct
 
 log = logging.getLogger("ufo.rl")
@@ -86,7 +84,7 @@ def train(config: Config, ctx: StageContext) -> Output:
 def fit(config: Config, problems_path: Path, model_dir: Path, resume_folder: Path | None, run_id: str,
         out_dir: Path, log_metrics: Callable[[dict[str, float], int], None]) -> dict:
     """The training loop, in the stage process (engine.kind=torch) or on every rank the stage launched
-    (deepspeed; see stages/rl/ranks.py for how a step is shared). Rank 0 logs each step's metrics through
+    (deepspeed; see stages/common/ranks.py for how a step is shared). Rank 0 logs each step's metrics through
     `log_metrics`, saves the checkpoints into run `run_id` and writes the merged model to out_dir/model.
     `resume_folder`: a fetched checkpoint to continue from (`_resume`), or None.
 
@@ -136,24 +134,25 @@ def fit(config: Config, problems_path: Path, model_dir: Path, resume_folder: Pat
 
 def _fit_on_ranks(config: Config, ctx: StageContext, problems_path: Path, model_dir: Path,
                   resume: checkpoint.Resume | None, out_dir: Path) -> dict:
-    """Launch engine.num_processes ranks of `stages.rl.rank` and wait; rank 0 leaves result.json."""
-    job = ctx.workdir / "job"
-    write_json_atomic(job / "job.json", {
-        "config": config.model_dump(mode="json"), "problems": str(problems_path), "model_dir": str(model_dir),
-        "resume": str(resume.folder) if resume is not None else None, "run_id": ctx.run_id, "out_dir": str(out_dir)})
-    log.info("launching %d rank(s) with %s", config.engine.num_processes, config.engine.launcher)
-    code = launch_ranks(config.engine, "stages.rl.rank", [str(job / "job.json")])
-    result = job / "result.json"
-    if code != 0 or not result.is_file():
-        raise RuntimeError(f"rl ranks failed (launcher exit code {code}); see the ranks' output above")
-    return json.loads(result.read_text())
+    """`fit` on engine.num_processes ranks (`fit_rank`); returns rank 0's result."""
+    job = {"config": config.model_dump(mode="json"), "problems": str(problems_path), "model_dir": str(model_dir),
+           "resume": str(resume.folder) if resume is not None else None, "run_id": ctx.run_id,
+           "out_dir": str(out_dir)}
+    return run_on_ranks("rl", config.engine, "stages.rl.stage:fit_rank", job, ctx.workdir / "job")
+
+
+def fit_rank(job: dict, log_metrics: Callable[[dict[str, float], int], None]) -> dict:
+    """What each rank runs (`python -m stages.common.rank stages.rl.stage:fit_rank JOB.json`)."""
+    resume = Path(job["resume"]) if job["resume"] else None
+    return fit(Config.model_validate(job["config"]), Path(job["problems"]), Path(job["model_dir"]), resume,
+               job["run_id"], Path(job["out_dir"]), log_metrics)
 
 
 def train_step(config: Config, step: int, models: Models, engine: RolloutEngine, fmt: ChatFormat,
                problems: list[Problem], device: torch.device, ranks: Ranks | None = None) -> dict[str, float]:
     """One RL step, phase by phase; returns its metrics (perf/<phase>_seconds for each phase).
 
-    With several ranks, rank 0 rolls out and every rank scores and trains on its share (stages/rl/ranks.py).
+    With several ranks, rank 0 rolls out and every rank scores and trains on its share (stages/common/ranks.py).
     """
     ranks = ranks or Ranks()
     timer = PhaseTimer()

@@ -1,14 +1,13 @@
 """SFT training (see stages/sft/__init__.py for what and why).
 
 One training loop, `fit`, runs either in the stage process (engine.kind=torch) or on every rank the stage
-launches (engine.kind=deepspeed: `python -m stages.sft.rank` under torchrun or the deepspeed launcher).
+launches (engine.kind=deepspeed: `fit_rank` under torchrun or the deepspeed launcher, stages/common/rank.py).
 Every rank draws the same global batch from the same seed and trains on its share; the stage process
 alone logs the artifacts and returns the Output, and rank 0 alone logs per-step metrics.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,10 +24,12 @@ from stages.common.base_model import import_base_model
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
 from stages.common.contracts import BASE_MODEL_ARTIFACT, Problem, load_split, problems_from
-from stages.common.engine import TrainEngine, build_engine, launch_ranks
+from stages.common.engine import build_engine
 from stages.common.episodes import rollout
 from stages.common.grading import equivalent
 from stages.common.model import build_model, resolve_device, seed_everything
+from stages.common.rank import run_on_ranks
+from stages.common.ranks import Ranks
 from stages.common.runtime import set_cpu_threads
 from stages.common.tracking import (
     MLFLOW_MODEL_ARTIFACT,
@@ -36,7 +37,6 @@ from stages.common.tracking import (
     fetch_dataset,
     log_artifact,
     log_model,
-    write_json_atomic,
 )
 from stages.sft.batching import Example, loss_share, micro_batches, num_targets
 from stages.sft.config import Config, Output
@@ -86,23 +86,6 @@ def sampled_accuracy(model, fmt: ChatFormat, problems: list[Problem], max_new_to
     return sum(e.solved_turn is not None for e in eps) / len(eps)
 
 
-def _all_ranks_sum(value: float, engine: TrainEngine) -> float:
-    if engine.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
-
-
-def _from_rank0(value: float, engine: TrainEngine) -> float:
-    """Rank 0's value on every rank, so that every rank takes the same stopping decision."""
-    if engine.world_size == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: Path, log_metrics: LogFn,
         base_dir: Path | None = None) -> dict:
     """Train; on rank 0 write the merged model to out_dir/model (and LoRA adapters to out_dir/adapter).
@@ -122,7 +105,8 @@ def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: P
     n_params = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, config.engine, lr=config.lr, weight_decay=config.weight_decay,
                           grad_clip=config.grad_clip, lr_lambda=lr_lambda(config), micro_steps=config.micro_steps)
-    main = engine.rank == 0
+    ranks = Ranks.of(engine)
+    main = ranks.main
     n_trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     if main:
         log_metrics({"model/parameters": n_params, "model/trainable_parameters": n_trainable}, None)
@@ -146,15 +130,16 @@ def fit(config: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, out_dir: P
             share += loss.item()
         grad_norm = engine.step()
         if step % config.log_every == 0:
-            loss_value = _all_ranks_sum(share, engine)
+            loss_value = ranks.sum_values({"loss": share})["loss"]
             if main:
                 log_metrics({"loss/sft": loss_value, "loss/grad_norm": grad_norm, "train/lr": engine.lr(),
                              "perf/steps_per_second": step / (time.time() - t0), "train/num_tokens": tokens,
                              "perf/tokens_per_second": tokens / (time.time() - t0)}, step)
         if step % config.eval_every == 0 or step == config.max_steps:
-            val_acc = _from_rank0(sampled_accuracy(engine.hf_model, fmt, val_subset, config.max_new_tokens,
-                                                   seed=config.seed * 100_003 + step), engine)
-            loss_value = _all_ranks_sum(share, engine)
+            # rank 0's accuracy on every rank, so that every rank takes the same stopping decision
+            val_acc = ranks.from_main(sampled_accuracy(engine.hf_model, fmt, val_subset, config.max_new_tokens,
+                                                       seed=config.seed * 100_003 + step))
+            loss_value = ranks.sum_values({"loss": share})["loss"]
             if main:
                 log_metrics({"val/sampled_accuracy": val_acc}, step)
                 log.info("step %d loss %.4f val sampled accuracy %.3f", step, loss_value, val_acc)
@@ -206,14 +191,13 @@ def train(config: Config, ctx: StageContext) -> Output:
 
 def _train_on_ranks(config: Config, ctx: StageContext, train_path: Path, val_path: Path,
                     base_dir: Path | None) -> dict:
-    """Launch engine.num_processes ranks of `stages.sft.rank` and wait; rank 0 leaves result.json."""
-    job = ctx.workdir / "job"
-    write_json_atomic(job / "job.json", {"config": config.model_dump(mode="json"), "train": str(train_path),
-                                         "val": str(val_path), "run_id": ctx.run_id, "out_dir": str(ctx.workdir),
-                                         "base_dir": str(base_dir) if base_dir is not None else None})
-    log.info("launching %d rank(s) with %s", config.engine.num_processes, config.engine.launcher)
-    code = launch_ranks(config.engine, "stages.sft.rank", [str(job / "job.json")])
-    result = job / "result.json"
-    if code != 0 or not result.is_file():
-        raise RuntimeError(f"sft ranks failed (launcher exit code {code}); see the ranks' output above")
-    return json.loads(result.read_text())
+    """`fit` on engine.num_processes ranks (`fit_rank`); returns rank 0's metrics."""
+    job = {"config": config.model_dump(mode="json"), "train": str(train_path), "val": str(val_path),
+           "run_id": ctx.run_id, "out_dir": str(ctx.workdir), "base_dir": str(base_dir) if base_dir else None}
+    return run_on_ranks("sft", config.engine, "stages.sft.stage:fit_rank", job, ctx.workdir / "job")
+
+
+def fit_rank(job: dict, log_metrics: LogFn) -> dict:
+    """What each rank runs (`python -m stages.common.rank stages.sft.stage:fit_rank JOB.json`)."""
+    return fit(Config.model_validate(job["config"]), load_split(job["train"]), load_split(job["val"]),
+               Path(job["out_dir"]), log_metrics, Path(job["base_dir"]) if job.get("base_dir") else None)

@@ -1,6 +1,15 @@
-"""How one RL step is shared among the data-parallel ranks the stage launches (engine.kind=deepspeed),
-so that N ranks compute what one process computes, up to the order of float sums:
+"""What data-parallel ranks (engine.kind=deepspeed; launched by stages/common/rank.py) share, so that N
+ranks compute what one process computes, up to the order of float sums. With one process (`Ranks()`)
+every collective is the identity, so a training loop is written once for both.
 
+- Decisions are rank 0's (`from_main`): a value every rank must agree on (SFT's sampled validation
+  accuracy, which decides when to stop) or an object only rank 0 makes (RL's episodes, `share_rollout`).
+- Sums are exact where each row or value comes from one rank (`sum`, `sum_values`): the logged loss of a
+  step, RL's [B, L] scores of micro-batches scored on different ranks.
+- Equal call counts: ZeRO-2/3 reduce gradients over the ranks in every backward, and ZeRO-3 gathers
+  weights in every forward, so a rank with fewer micro-batches runs one again with weight 0 (`deal`).
+
+How RL shares one step:
 - Rollout: rank 0 plays the step's episodes and broadcasts them, together with its torch RNG state
   after the rollout. Every rank then holds the same batch and the same RNG state as the one-process run
   at that point (the state matters: a minibatch order or a dropout mask drawn later must agree). Under
@@ -18,8 +27,9 @@ so that N ranks compute what one process computes, up to the order of float sums
 - Losses: a micro-batch's loss is weighted by its share of the minibatch's generated tokens over ALL
   ranks, so the ranks' gradients add up to the one-process gradient; DeepSpeed reduces them (the engine
   undoes its averaging).
-- Equal call counts: ZeRO-2/3 reduce gradients over the ranks in every backward, and ZeRO-3 gathers
-  weights in every forward, so a rank with fewer micro-batches runs one again with weight 0.
+
+SFT draws the same global batch on every rank from the same seed and trains each rank on its share of
+the examples (stages/sft/stage.py).
 """
 
 from __future__ import annotations
