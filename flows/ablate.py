@@ -243,6 +243,13 @@ def paper_findings(flat: dict[str, float], max_turns: int) -> list[str]:
         out.append(f"Single-turn RL's failed episodes that repeat an earlier answer after feedback: "
                    f"{flat[rep_key]:.3f} [{flat[rep_key + '_lo']:.3f}, {flat[rep_key + '_hi']:.3f}]; UFO's: "
                    f"{flat.get('eval/ufo/repeat_share', float('nan')):.3f}. Paper: {PAPER['repeat']}.")
+    stages = [(name, f"eval/{key}/repeat_share") for name, key in
+              (("base model", "base"), ("after SFT", "sft"), ("after single-turn RL", "single_turn"), ("after UFO", "ufo"))]
+    shown = [(name, key) for name, key in stages if key in flat]
+    if len(shown) > 1:
+        out.append("The paper's Figure 1, the share of failed episodes that repeat an earlier answer after "
+                   "\"Let's try again.\": " + "; ".join(f"{name} {flat[key]:.3f} [{flat[key + '_lo']:.3f}, "
+                                                         f"{flat[key + '_hi']:.3f}]" for name, key in shown) + ".")
     return out
 
 

@@ -92,8 +92,10 @@ def test_the_findings_read_the_paired_intervals_beside_the_paper():
             "eval/ufo_vs_single_turn/effective_answer_ratio_lo": -0.01,
             "eval/ufo_vs_single_turn/effective_answer_ratio_hi": 0.05,
             "eval/single_turn/repeat_share": 0.7, "eval/single_turn/repeat_share_lo": 0.6,
-            "eval/single_turn/repeat_share_hi": 0.8, "eval/ufo/repeat_share": 0.4}
-    one, three, repeat = paper_findings(flat, 5)
+            "eval/single_turn/repeat_share_hi": 0.8, "eval/ufo/repeat_share": 0.4, "eval/ufo/repeat_share_lo": 0.3,
+            "eval/ufo/repeat_share_hi": 0.5}
+    one, three, repeat, figure1 = paper_findings(flat, 5)
+    assert figure1.startswith("The paper's Figure 1") and "after single-turn RL 0.700 [0.600, 0.800]" in figure1
     assert "Succ@5" in one and "+0.050 [+0.010, +0.090], interval above 0" in one and "+14%" in one
     assert "+0.020 [-0.010, +0.050], interval includes 0" in three and "92.8%" in three
     assert "0.700 [0.600, 0.800]" in repeat and "UFO's: 0.400" in repeat and "70%" in repeat
