@@ -197,6 +197,11 @@ class CachedEngine:
     def __init__(self, model, eos_id: int, pad_id: int, batch_size: int = 512):
         self.model, self.eos_id, self.pad_id, self.batch_size = model, eos_id, pad_id, batch_size
         self._kv: dict[int, dict[tuple[int, ...], EpisodeKV]] = {}  # stored length -> conversation -> KV
+        config = self._config()
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+        if any(t != "full_attention" for t in layer_types) or getattr(config, "use_sliding_window", False):
+            raise ValueError(f"rollout_engine 'cached' keeps whole-conversation keys/values; {type(config).__name__} "
+                             "has sliding-window layers: use 'hf'")
 
     def end_rollout(self) -> None:
         self._kv.clear()
@@ -249,7 +254,7 @@ class CachedEngine:
         mask = torch.zeros((U, past + width), dtype=torch.long)  # [U, K+N]
         window = torch.full((U, width), self.pad_id, dtype=torch.long)  # [U, N]
         positions = torch.zeros((U, width), dtype=torch.long)  # [U, N]
-        kv_rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        kv_rows: list[EpisodeKV | None] = []
         for u, i in enumerate(heads):
             r = kept[u]
             tokens = contexts[i][r:]  # the window's real tokens (<= N)
@@ -364,8 +369,10 @@ class PagedEngine:
     (as in `HFEngine`); the log-probs are the engine's own (log of the sampled token's probability under
     that distribution, computed from the same logits). Its sampler has its own generator: its seed is
     drawn from torch's global generator at every call, so a seeded run samples the same answers again.
-    On CPU the attention is `sdpa` over the gathered pages; on a GPU, flash attention and CUDA graphs
-    apply where installed (not measured here).
+    The attention is the model's own (`sdpa` here, over all requests of a batch flattened into one
+    sequence with a dense mask: on a CPU that makes it slower than `generate`, see benchmarks/rollout.py).
+    Switching to flash attention and CUDA graphs is left off: both change the attention implementation of
+    the very model the trainer uses. Not measured on a GPU.
     """
 
     name = "paged"
