@@ -239,13 +239,26 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def gather_prefix(kv: PrefixKV, group: torch.Tensor) -> PrefixKV:
+    """Each episode's copy of its prefix's keys/values: [U, h, P, d] -> [b, h, P, d] per layer, by `group` [b].
+
+    `index_select`, not `k[group]`: the two give the same values, but the backward of advanced indexing is
+    `index_put_(accumulate=True)`, which on CPU with several threads adds a prefix's episode gradients with
+    atomic float adds in whatever order the threads get there, so the last bits of every gradient followed
+    thread timing (a busy machine changed step 1's grad norm in the 8th digit). `index_select`'s backward
+    (`index_add_`) adds them in index order on CPU; on CUDA it uses atomics too unless
+    `torch.use_deterministic_algorithms(True)` (README.md). Cost: benchmarks/prefix_gather.py.
+    """
+    return [(k.index_select(0, group), v.index_select(0, group)) for k, v in kv]
+
+
 def _suffix_inputs(model: nn.Module, mb: Batch, kv: PrefixKV | None) -> dict:
     """Forward kwargs for the suffixes of `mb`: alone, or after their prefixes' cached keys/values."""
     if kv is None:
         return {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask}
     group = mb.group.to(mb.input_ids.device)
     config = _transformers_module(model).config
-    cache = DynamicCache(ddp_cache_data=[(k[group], v[group]) for k, v in kv], config=config)  # [b, h, P, d]
+    cache = DynamicCache(ddp_cache_data=gather_prefix(kv, group), config=config)  # [b, h, P, d]
     width = mb.input_ids.shape[1]
     positions = mb.prefix_lens[:, None].to(group.device) + torch.arange(width, device=group.device)  # [b, W]
     return {"input_ids": mb.input_ids, _cache_kwarg(model): cache, "position_ids": positions,
