@@ -37,8 +37,9 @@ run: $(STAMP)
 
 ## Unit, stage and end-to-end tests (tiny budgets), on two pytest-xdist workers that each take whole test
 ## files (module fixtures are built once); the longest file, test_pipeline_e2e.py, sets the wall time.
+## The 25 slowest tests are listed at the end (where the time goes).
 test: $(STAMP) $(MODELS_STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 ## The four stage images (containers/README.md); needs a Docker engine. BASE_IMAGE=..., TORCH_WHEELS=DIR.
 images: $(STAMP)
