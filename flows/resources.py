@@ -52,7 +52,13 @@ class Resources(StrictModel):
     """Size of /dev/shm (`2Gi`). Docker's default is 64 MB, too small for NCCL and DataLoader workers;
     on Kubernetes it becomes a memory-backed emptyDir mounted at /dev/shm."""
     gpus: int = Field(0, ge=0)
-    """NVIDIA GPUs: Docker `device_requests`, Kubernetes `nvidia.com/gpu` limit."""
+    """NVIDIA GPUs per node: Docker `device_requests`, Kubernetes `nvidia.com/gpu` limit."""
+    nodes: int = Field(1, ge=1)
+    """Machines the stage's ranks span (sft and rl only), each with the `cpus`, `memory`, `shm_size` and
+    `gpus` above and `<stage>.engine.num_processes` ranks. > 1: the `docker` launcher starts one container
+    per node on a Docker network of the stage's own; on a Kubernetes work pool (`deployment` launcher)
+    the stage is an Indexed Job of that many pods (infra/README.md). The flow copies it into
+    `<stage>.engine.nodes`."""
     node_selector: dict[str, str] = {}
     """Kubernetes node labels the pod must match, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}."""
     tolerations: list[Toleration] = []

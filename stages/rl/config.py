@@ -185,7 +185,7 @@ class Config(StageConfig):
             raise ValueError("engine.deepspeed.zero_stage: 3 is not available in the RL stage yet (SFT has it); "
                              "use 2")
         zero3_ranks = self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3 \
-            and self.engine.num_processes > 1
+            and self.engine.world_size > 1
         if self.rollout_engine == "vllm" and zero3_ranks:
             raise ValueError("rollout_engine: 'vllm' takes its weights from rank 0, which under ZeRO-3 holds only "
                              "its partition; use engine.deepspeed.zero_stage 2 or one process")
