@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from flows.cache import code_digest
 from flows.config import FlowConfig
+from flows.node import FOLLOW_ARGS_ENV, FOLLOW_STAGE_ENV
 from flows.resources import (
     Resources,
     docker_job_variables,
@@ -35,6 +36,8 @@ from flows.resources import (
 from flows.server import require_tracking_server
 from stages.common.config import ConfigError
 from stages.common.processes import (
+    DEFAULT_MASTER_PORT,
+    MASTER_PORT_ENV,
     REPO_ROOT,
     Group,
     Outcome,
@@ -332,17 +335,9 @@ class DeploymentLauncher:
         self.flow, self.tracking_uri = flow, tracking_uri
 
     def _job_variables(self, client, job: StageJob, deployment) -> dict[str, Any]:
-        """The pool type's resource variables, plus the environment the stage needs wherever it runs."""
-        pool_type = client.read_work_pool(deployment.work_pool_name).type
-        if job.resources.nodes > 1 and pool_type != "kubernetes":
-            raise ConfigError(f"flow.{job.stage}.resources.nodes: {job.resources.nodes} nodes need a Kubernetes work "
-                              f"pool (an Indexed Job of one pod per node); {deployment.work_pool_name} is a {pool_type} "
-                              "pool, whose worker starts one process or container per flow run. Use flow.launcher "
-                              "docker for several nodes on this machine")
-        resources = {"docker": docker_job_variables, "kubernetes": kubernetes_job_variables}.get(pool_type)
-        variables = resources(job.resources) if resources else {}
-        env = stage_env(self.tracking_uri, inherit=False)
-        return variables | {"env": {**(deployment.job_variables or {}).get("env", {}), **env}}
+        pool = client.read_work_pool(deployment.work_pool_name)
+        return deployment_job_variables(job, pool.type, pool.name, self.tracking_uri,
+                                        (deployment.job_variables or {}).get("env", {}))
 
     def launch(self, job: StageJob, log: Log) -> LaunchResult:
         from prefect.client.orchestration import get_client
@@ -371,6 +366,35 @@ class DeploymentLauncher:
             state = handle.flow_run.state
             ended = f"flow run {flow_run.name} ended {state.name}" if state is not None else None
             return _result(outcome, job, handle.tail(), ended)
+
+
+def deployment_job_variables(job: StageJob, pool_type: str, pool_name: str, tracking_uri: str,
+                             deployment_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A stage's flow-run job variables on a `pool_type` pool: its resource variables, plus the environment
+    the stage needs wherever it runs (over the deployment's own `env`).
+
+    Several nodes need a Kubernetes pool, whose template (infra/work-pools/kubernetes.json) makes the flow
+    run an Indexed Job of `nodes` pods and gives each its node rank and MASTER_ADDR. To that this adds what
+    is the same on every pod: the rendezvous port, the interface between pods, what the nodes other than 0
+    run (flows/node.py), and how node 0's flow run ends when Kubernetes stops it.
+    """
+    nodes = job.resources.nodes
+    if nodes > 1 and pool_type != "kubernetes":
+        raise ConfigError(f"flow.{job.stage}.resources.nodes: {nodes} nodes need a Kubernetes work pool (an Indexed "
+                          f"Job of one pod per node); {pool_name} is a {pool_type} pool, whose worker starts one "
+                          "process or container per flow run. Use flow.launcher docker for several nodes on this "
+                          "machine")
+    resources = {"docker": docker_job_variables, "kubernetes": kubernetes_job_variables}.get(pool_type)
+    variables = resources(job.resources) if resources else {}
+    env = {**(deployment_env or {}), **stage_env(tracking_uri, inherit=False)}
+    if nodes > 1:
+        env |= {MASTER_PORT_ENV: str(DEFAULT_MASTER_PORT), **NODE_NETWORK_ENV,
+                FOLLOW_STAGE_ENV: job.stage, FOLLOW_ARGS_ENV: json.dumps(job.args()),
+                # When one pod fails, the Job fails and Kubernetes stops the others. Node 0's flow run must then
+                # end Crashed, so the pipeline's retry starts a fresh attempt of every node; prefect-kubernetes'
+                # default on a Job without retries (`reschedule`) would rerun node 0 alone into the closed run.
+                "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "crash"}
+    return variables | {"env": env}
 
 
 def make_launcher(flow: FlowConfig, tracking_uri: str) -> Launcher:

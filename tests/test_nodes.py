@@ -2,7 +2,9 @@
 lines for node k, read back by torchrun's and DeepSpeed's own parsers; what a node needs from its
 environment; and, slow, the whole protocol on one host: two stage processes as nodes 0 and 1 (node 1
 follows node 0's job from the MLflow run and fetches its own inputs), whose RL run matches the
-one-process run. The same stage on two containers of a Docker network: tests/test_containers.py.
+one-process run. The same stage on two containers of a Docker network: tests/test_containers.py; what the
+deployment launcher hands a Kubernetes pool for it (job variables, the pods' command): here, and the Indexed
+Job rendered from them: tests/test_resources.py.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import torch.distributed.run as torchrun
 from safetensors.torch import load_file
 
 from flows.config import PipelineConfig
+from flows.launchers import StageJob, deployment_job_variables
+from flows.node import node_command
+from flows.resources import Resources
 from stages import rl
-from stages.common.config import load_config
+from stages.common.config import ConfigError, load_config
 from stages.common.contracts import ArtifactRef
 from stages.common.model_spec import EngineConfig
 from stages.common.processes import Group, free_port, node_env, spawn, stage_command, stage_env, watch
@@ -114,3 +119,37 @@ def test_rl_on_two_nodes_here_matches_the_single_process_run(upstream, tmp_path,
     ckpt = fetch_verified(ArtifactRef(uri=saved["uri"], sha256=saved["sha256"]), tmp_path / "ckpt")
     files = {p.name for p in ckpt.rglob("*")}
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+
+
+def test_deployment_job_variables_carry_the_nodes_to_a_kubernetes_pool(tmp_path):
+    resources = Resources(gpus=8, nodes=2)
+    job = StageJob(stage="rl", config={"seed": 1}, run_id="run1", parent_run_id="parent1", workdir=tmp_path,
+                   resources=resources)
+    variables = deployment_job_variables(job, "kubernetes", "ufo-k8s", "http://mlflow:5000", {"HF_TOKEN_PATH": "/s"})
+    assert variables["nodes"] == 2 and variables["resource_limits"] == {"nvidia.com/gpu": "8"}
+    env = variables["env"]
+    assert env["HF_TOKEN_PATH"] == "/s" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"  # deployment's kept
+    assert env["MASTER_PORT"] == "29500" and env["NCCL_SOCKET_IFNAME"] == "eth0"
+    # The rank and MASTER_ADDR differ per pod: the template sets them, not the launcher.
+    assert "UFO_NODE_RANK" not in env and "MASTER_ADDR" not in env
+    assert env["UFO_STAGE"] == "rl" and json.loads(env["UFO_STAGE_ARGS"]) == job.args()
+
+    one = deployment_job_variables(StageJob("rl", {}, "r", "p", tmp_path, resources=Resources(gpus=8)),
+                                   "kubernetes", "ufo-k8s", "http://mlflow:5000")
+    assert "nodes" not in one and "UFO_STAGE" not in one["env"] and "MASTER_PORT" not in one["env"]
+
+
+@pytest.mark.parametrize("pool_type", ["docker", "process"])
+def test_deployment_launcher_refuses_several_nodes_on_a_pool_of_one_process_per_run(tmp_path, pool_type):
+    job = StageJob("sft", {}, "r", "p", tmp_path, resources=Resources(nodes=2))
+    with pytest.raises(ConfigError, match=rf"flow\.sft\.resources\.nodes: 2 nodes need a Kubernetes work pool.*"
+                                          rf"ufo-pool is a {pool_type} pool"):
+        deployment_job_variables(job, pool_type, "ufo-pool", "http://mlflow:5000")
+
+
+def test_a_pod_other_than_node_0_runs_the_stage_it_is_given():
+    env = {"UFO_NODE_RANK": "1", "UFO_STAGE": "sft", "UFO_STAGE_ARGS": json.dumps(["--run-id", "r"])}
+    assert node_command(["prefect", "flow-run", "execute"], env)[1:] == ["-m", "stages.sft", "--run-id", "r"]
+    assert node_command(["prefect", "flow-run", "execute"], {"UFO_NODE_RANK": "0"}) == ["prefect", "flow-run", "execute"]
+    with pytest.raises(SystemExit, match="node 1, but UFO_STAGE and UFO_STAGE_ARGS are not set"):
+        node_command(["prefect", "flow-run", "execute"], {"UFO_NODE_RANK": "1"})
