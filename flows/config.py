@@ -31,6 +31,23 @@ UPSTREAM: dict[str, dict[str, str]] = {
 }
 
 
+#: The stages that train on ranks (`<stage>.engine`), so can span several nodes.
+TRAINED_ON_RANKS = ("sft", "rl")
+
+
+def _raw_nodes(flow: Any, stage: str) -> Any:
+    """`flow.<stage>.resources.nodes` as written (before validation), or None when unset."""
+    if isinstance(flow, FlowConfig):
+        return flow.stage(stage).resources.nodes
+    settings = flow.get(stage) if isinstance(flow, dict) else None
+    if isinstance(settings, StageSettings):
+        return settings.resources.nodes
+    resources = settings.get("resources") if isinstance(settings, dict) else None
+    if isinstance(resources, Resources):
+        return resources.nodes
+    return resources.get("nodes") if isinstance(resources, dict) else None
+
+
 class StageSettings(StrictModel):
     """How the flow runs one stage. The stage itself never sees these."""
 
@@ -146,6 +163,10 @@ class PipelineConfig(StrictModel):
                 stage.setdefault("feedback", rl_cfg["feedback"])
         if isinstance(data["evaluate"], dict) and "max_turns" in rl_cfg:
             data["evaluate"].setdefault("max_turns", rl_cfg["max_turns"])
+        for name in TRAINED_ON_RANKS:  # the ranks must know how many machines they span
+            nodes = _raw_nodes(data.get("flow"), name)
+            if nodes is not None and isinstance(data[name], dict) and isinstance(data[name].get("engine", {}), dict):
+                data[name]["engine"] = {"nodes": nodes, **data[name].get("engine", {})}
         return data
 
     @model_validator(mode="after")
@@ -178,8 +199,29 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"sft.max_wrong_attempts: {self.sft.max_wrong_attempts} must be < the longest episode, "
                              f"max(rl.max_turns, evaluate.max_turns) = {longest}: SFT would teach longer "
                              "conversations than any episode has")
+        self._check_nodes()
         self._check_registry()
         return self
+
+    def _check_nodes(self) -> None:
+        for name in STAGES:
+            nodes = self.flow.stage(name).resources
+            if name not in TRAINED_ON_RANKS:
+                if nodes.nodes > 1:
+                    raise ValueError(f"flow.{name}.resources.nodes: {name} runs in one process; only "
+                                     f"{' and '.join(TRAINED_ON_RANKS)} train on several nodes")
+                continue
+            engine = getattr(self, name).engine
+            if engine.nodes != nodes.nodes:
+                raise ValueError(f"{name}.engine.nodes: {engine.nodes}, but flow.{name}.resources.nodes is "
+                                 f"{nodes.nodes}; set flow.{name}.resources.nodes only (the flow copies it)")
+            if nodes.nodes > 1 and self.flow.launcher == "local":
+                raise ValueError(f"flow.{name}.resources.nodes: {nodes.nodes} nodes need flow.launcher 'docker' (a "
+                                 "container per node on a Docker network) or 'deployment' (a Kubernetes work pool); "
+                                 "the local launcher runs each stage as one process tree on this machine")
+            if nodes.gpus and engine.num_processes > nodes.gpus:
+                raise ValueError(f"{name}.engine.num_processes: {engine.num_processes} ranks per node, but "
+                                 f"flow.{name}.resources.gpus gives each node {nodes.gpus} GPU(s), one per rank")
 
     def _check_registry(self) -> None:
         reg, ev = self.flow.registry, self.evaluate

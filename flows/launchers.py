@@ -6,7 +6,8 @@ the Output from MLflow, closes the run if the stage could not, retries).
 The launchers differ only in how they start and observe what they started. Watching it, relaying its
 lines, its timeout and its stop on an interrupt (SIGTERM, a grace period, SIGKILL, whether or not the
 stage prints anything) are `stages.common.processes.watch`'s, and how it ended is worded by one
-function here (`_result`).
+function here (`_result`). A stage on several nodes (`flow.<stage>.resources.nodes`) is, to `watch`, one
+`processes.Group` of its nodes' containers.
 """
 
 from __future__ import annotations
@@ -20,16 +21,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from flows.cache import code_digest
 from flows.config import FlowConfig
-from flows.resources import Resources, docker_job_variables, docker_run_kwargs, kubernetes_job_variables
+from flows.node import FOLLOW_ARGS_ENV, FOLLOW_STAGE_ENV
+from flows.resources import (
+    Resources,
+    docker_job_variables,
+    docker_run_kwargs,
+    kubernetes_job_variables,
+    quantity_bytes,
+)
 from flows.server import require_tracking_server
 from stages.common.config import ConfigError
 from stages.common.processes import (
+    DEFAULT_MASTER_PORT,
+    MASTER_PORT_ENV,
     REPO_ROOT,
+    Group,
     Outcome,
     describe_exit,
+    node_env,
     pump_lines,
     spawn,
     stage_args,
@@ -41,6 +54,13 @@ from stages.common.processes import (
 LABEL_STAGE = "ai.ufo.stage"
 LABEL_CODE = "ai.ufo.code-digest"
 LABEL_RUN = "ai.ufo.run-id"
+LABEL_NODE = "ai.ufo.node"
+#: What the collective backends of a node's ranks need on a Docker network: the interface that carries
+#: the traffic between nodes (each container has one, eth0).
+NODE_NETWORK_ENV = {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
+#: /dev/shm of a node's container unless `resources.shm_size` says: Docker's 64 MB is too small for
+#: NCCL's and DeepSpeed's shared-memory transports between the ranks of one node.
+NODE_SHM_SIZE = "1Gi"
 
 Log = Callable[[str], None]
 
@@ -144,6 +164,11 @@ class _Container:
             return self.container.attrs["State"].get("ExitCode")
         return None
 
+    @property
+    def ended_at(self) -> str:
+        """When it ended (Docker's RFC 3339 time, which sorts in time order)."""
+        return self.container.attrs["State"].get("FinishedAt") or ""
+
     def stop(self, grace_seconds: float) -> None:
         # Docker's own stop is the same rule: SIGTERM, the grace period, SIGKILL.
         self.container.stop(timeout=int(grace_seconds))
@@ -186,6 +211,8 @@ class DockerLauncher:
 
     def launch(self, job: StageJob, log: Log) -> LaunchResult:
         image = self.image(job.stage)
+        if job.resources.nodes > 1:
+            return self._launch_nodes(job, log, image)
         log(f"$ docker run {image} {job.stage} --run-id {job.run_id}")
         container = self.client.containers.run(
             image, command=job.args(), detach=True, environment=stage_env(self.tracking_uri, inherit=False),
@@ -203,6 +230,60 @@ class DockerLauncher:
         finally:
             with contextlib.suppress(Exception):
                 container.remove(force=True)
+
+
+    def _launch_nodes(self, job: StageJob, log: Log, image: str) -> LaunchResult:
+        """One container per node on a Docker network made for this attempt; node 0 runs the stage and hosts
+        the rendezvous at its container name (stages/common/rank.py). The stage ends when every node ended
+        with 0, or as soon as one did not: then the others are stopped. Containers and network are removed
+        whatever happens."""
+        nodes = job.resources.nodes
+        require_reachable_from_containers(self.tracking_uri, f"flow.{job.stage}.resources.nodes")
+        name = f"ufo-{job.stage}-{job.run_id[:12]}"
+        labels = {LABEL_STAGE: job.stage, LABEL_RUN: job.run_id}
+        run_kwargs = {"shm_size": quantity_bytes(NODE_SHM_SIZE)} | docker_run_kwargs(job.resources)
+        network = self.client.networks.create(name, driver="bridge", labels=labels)
+        containers: dict[str, Any] = {}
+        group = None
+        try:
+            for k in range(nodes):
+                env = stage_env(self.tracking_uri, inherit=False) | node_env(k, f"{name}-node0") | NODE_NETWORK_ENV
+                log(f"$ docker run --network {name} {image} {job.stage} --run-id {job.run_id}  # node {k} of {nodes}")
+                containers[f"node {k}"] = self.client.containers.run(
+                    image, command=job.args(), detach=True, environment=env, network=name, name=f"{name}-node{k}",
+                    hostname=f"{name}-node{k}", labels={**labels, LABEL_NODE: str(k)}, **run_kwargs)
+            group = Group({node: _Container(c) for node, c in containers.items()})
+            tail = _Tail(job.stage, log)
+            outcome = watch(group, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
+                            poll_seconds=0.5)
+            failure, lines = None, list(tail.lines)
+            if group.failed is not None:
+                member = group.members[group.failed]
+                failure = f"{group.failed} of {nodes} {describe_exit(outcome.returncode)}"
+                if member.oom_killed():
+                    failure = (f"{group.failed} of {nodes} was OOM-killed: its container went over its memory limit "
+                               f"(flow.{job.stage}.resources.memory = {job.resources.memory})")
+                lines = [f"[{group.failed}] {line}" for line in group.tails[group.failed]]
+            return _result(outcome, job, lines, failure)
+        finally:
+            if group is not None:
+                group.stop(job.grace_seconds)  # the nodes still running, all at once
+            for container in containers.values():
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)
+            with contextlib.suppress(Exception):
+                network.remove()
+
+
+def require_reachable_from_containers(uri: str, field: str) -> None:
+    """A ConfigError unless the server at `uri` can be reached from a container on a Docker network of its
+    own: a loopback address is the container's own, not this machine's."""
+    host = (urlsplit(uri).hostname or "").lower()
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        raise ConfigError(f"{field}: each node runs in a container on a Docker network of its own, which cannot "
+                          f"reach the tracking server {uri} (this machine's loopback address); run the servers on "
+                          "an address the containers reach, the Docker bridge's gateway (`ufo stack up --listen "
+                          "docker`, then `source .ufo/stack/env.sh`)")
 
 
 class _FlowRun:
@@ -254,12 +335,9 @@ class DeploymentLauncher:
         self.flow, self.tracking_uri = flow, tracking_uri
 
     def _job_variables(self, client, job: StageJob, deployment) -> dict[str, Any]:
-        """The pool type's resource variables, plus the environment the stage needs wherever it runs."""
-        pool_type = client.read_work_pool(deployment.work_pool_name).type
-        resources = {"docker": docker_job_variables, "kubernetes": kubernetes_job_variables}.get(pool_type)
-        variables = resources(job.resources) if resources else {}
-        env = stage_env(self.tracking_uri, inherit=False)
-        return variables | {"env": {**(deployment.job_variables or {}).get("env", {}), **env}}
+        pool = client.read_work_pool(deployment.work_pool_name)
+        return deployment_job_variables(job, pool.type, pool.name, self.tracking_uri,
+                                        (deployment.job_variables or {}).get("env", {}))
 
     def launch(self, job: StageJob, log: Log) -> LaunchResult:
         from prefect.client.orchestration import get_client
@@ -288,6 +366,35 @@ class DeploymentLauncher:
             state = handle.flow_run.state
             ended = f"flow run {flow_run.name} ended {state.name}" if state is not None else None
             return _result(outcome, job, handle.tail(), ended)
+
+
+def deployment_job_variables(job: StageJob, pool_type: str, pool_name: str, tracking_uri: str,
+                             deployment_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A stage's flow-run job variables on a `pool_type` pool: its resource variables, plus the environment
+    the stage needs wherever it runs (over the deployment's own `env`).
+
+    Several nodes need a Kubernetes pool, whose template (infra/work-pools/kubernetes.json) makes the flow
+    run an Indexed Job of `nodes` pods and gives each its node rank and MASTER_ADDR. To that this adds what
+    is the same on every pod: the rendezvous port, the interface between pods, what the nodes other than 0
+    run (flows/node.py), and how node 0's flow run ends when Kubernetes stops it.
+    """
+    nodes = job.resources.nodes
+    if nodes > 1 and pool_type != "kubernetes":
+        raise ConfigError(f"flow.{job.stage}.resources.nodes: {nodes} nodes need a Kubernetes work pool (an Indexed "
+                          f"Job of one pod per node); {pool_name} is a {pool_type} pool, whose worker starts one "
+                          "process or container per flow run. Use flow.launcher docker for several nodes on this "
+                          "machine")
+    resources = {"docker": docker_job_variables, "kubernetes": kubernetes_job_variables}.get(pool_type)
+    variables = resources(job.resources) if resources else {}
+    env = {**(deployment_env or {}), **stage_env(tracking_uri, inherit=False)}
+    if nodes > 1:
+        env |= {MASTER_PORT_ENV: str(DEFAULT_MASTER_PORT), **NODE_NETWORK_ENV,
+                FOLLOW_STAGE_ENV: job.stage, FOLLOW_ARGS_ENV: json.dumps(job.args()),
+                # When one pod fails, the Job fails and Kubernetes stops the others. Node 0's flow run must then
+                # end Crashed, so the pipeline's retry starts a fresh attempt of every node; prefect-kubernetes'
+                # default on a Job without retries (`reschedule`) would rerun node 0 alone into the closed run.
+                "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "crash"}
+    return variables | {"env": env}
 
 
 def make_launcher(flow: FlowConfig, tracking_uri: str) -> Launcher:

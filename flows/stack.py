@@ -1,6 +1,7 @@
 """The servers a team runs, on one machine: `ufo stack up | down | status`.
 
     ufo stack up [--pool NAME --pool-type docker|process] [--mlflow-port 5000] [--prefect-port 4200]
+                 [--listen 127.0.0.1 | docker | ADDRESS]
     ufo stack down
     ufo stack status
 
@@ -12,6 +13,10 @@
     `stack/artifacts`), so stages in containers or on other machines need no shared folder;
   - a Prefect server on it, with its scheduler (deployments' schedules fire);
   - optionally a work pool (base job template from `infra/work-pools/<type>.json`) and a worker.
+The MLflow and Prefect servers listen on one address, `--listen`: 127.0.0.1 by default (this machine
+only); `docker` is the gateway of Docker's default bridge network, which this machine and containers on
+any Docker network reach (a stage on several nodes runs on a network of its own), and nothing outside
+this machine does. PostgreSQL listens on 127.0.0.1 only.
 It writes `stack/env.sh` (`source` it: MLFLOW_TRACKING_URI, PREFECT_API_URL) and `stack/stack.json`
 (what runs where). `down` stops all of it, workers first and PostgreSQL last, and leaves nothing
 running; it is safe to call twice. A production deployment runs the same servers under systemd or
@@ -151,7 +156,21 @@ def _await(url: str, what: str, pid: int, log: Path, timeout: float = 180) -> No
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:g} s (log: {log})")
 
 
-def up(pool: str | None, pool_type: str, mlflow_port: int, prefect_port: int, pg_port: int) -> dict:
+def listen_address(listen: str) -> str:
+    """`--listen`: an IP address as given, or `docker`: the gateway of Docker's default bridge network."""
+    if listen != "docker":
+        return listen
+    from flows.images import docker_client
+
+    config = docker_client().networks.get("bridge").attrs["IPAM"]["Config"]
+    gateway = next((c["Gateway"] for c in config if c.get("Gateway")), None)
+    if gateway is None:
+        raise ConfigError("--listen docker: Docker's bridge network has no gateway address; give one with --listen")
+    return gateway
+
+
+def up(pool: str | None, pool_type: str, mlflow_port: int, prefect_port: int, pg_port: int,
+       host: str = "127.0.0.1") -> dict:
     root = stack_dir()
     root.mkdir(parents=True, exist_ok=True)
     state = _load_state(root)
@@ -165,21 +184,21 @@ def up(pool: str | None, pool_type: str, mlflow_port: int, prefect_port: int, pg
         base_env = {**os.environ, "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
         base_env.pop("MLFLOW_TRACKING_URI", None)
         base_env.pop("PREFECT_API_URL", None)
-        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+        mlflow_url = f"http://{host}:{mlflow_port}"
         (root / "artifacts").mkdir(exist_ok=True)
         mlflow_exe = str(Path(sys.executable).with_name("mlflow"))
         pid = _start_daemon(root, "mlflow", [
             mlflow_exe, "server", "--backend-store-uri", f"postgresql+psycopg://{pg}/mlflow",
             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-            "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "2",
-            "--allowed-hosts", f"127.0.0.1:{mlflow_port},localhost:{mlflow_port},127.0.0.1,localhost"], base_env)
+            "--host", host, "--port", str(mlflow_port), "--workers", "2",
+            "--allowed-hosts", f"{host}:{mlflow_port},localhost:{mlflow_port},{host},localhost"], base_env)
         state["processes"]["mlflow"] = pid
         _save_state(root, state)
-        prefect_url = f"http://127.0.0.1:{prefect_port}/api"
+        prefect_url = f"http://{host}:{prefect_port}/api"
         prefect_env = {**base_env, "PREFECT_HOME": str(root / "prefect"),
                        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg}/prefect",
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": prefect_url}
-        pid = _start_daemon(root, "prefect", [prefect_executable(), "server", "start", "--host", "127.0.0.1",
+        pid = _start_daemon(root, "prefect", [prefect_executable(), "server", "start", "--host", host,
                                               "--port", str(prefect_port)], prefect_env)
         state["processes"]["prefect"] = pid
         _save_state(root, state)
@@ -249,12 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     up_p.add_argument("--mlflow-port", type=int, default=5000)
     up_p.add_argument("--prefect-port", type=int, default=4200)
     up_p.add_argument("--postgres-port", type=int, default=55432)
+    up_p.add_argument("--listen", default="127.0.0.1", metavar="ADDRESS",
+                      help="where the MLflow and Prefect servers listen: 127.0.0.1 (default: this machine only), "
+                           "`docker` (the Docker bridge's gateway: also containers on Docker networks, e.g. a stage "
+                           "on several nodes) or an address of this machine")
     sub.add_parser("down", help="stop the stack, leaving nothing running")
     sub.add_parser("status", help="what runs")
     args = p.parse_args(argv)
     if args.action == "up":
         try:
-            state = up(args.pool, args.pool_type, args.mlflow_port, args.prefect_port, args.postgres_port)
+            state = up(args.pool, args.pool_type, args.mlflow_port, args.prefect_port, args.postgres_port,
+                       listen_address(args.listen))
         except RuntimeError as err:  # a server did not start; `up` stopped what it had started
             print(f"error: {err}", file=sys.stderr)
             return 1

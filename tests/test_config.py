@@ -41,6 +41,13 @@ def test_shared_values_propagate_and_overrides_apply():
     assert cfg.sft.feedback == cfg.evaluate.feedback == "Try again."
 
 
+def test_a_stage_on_several_nodes_knows_its_world_size():
+    cfg = load_config(PipelineConfig, REPO / "configs/tiny-zero2.yaml",
+                      ["flow.launcher=docker", "flow.rl.resources.nodes=2", "flow.sft.resources.nodes=2"])
+    assert (cfg.rl.engine.nodes, cfg.rl.engine.num_processes, cfg.rl.engine.world_size) == (2, 2, 4)
+    assert cfg.sft.engine.world_size == 4 and cfg.sft.micro_steps == 1  # 128 examples: 32 on each rank
+
+
 def test_override_values_are_typed_yaml():
     data = apply_overrides({}, ["a.b=3", "a.c=[1, 2]", "d=true", "e=x=y"])
     assert data == {"a": {"b": 3, "c": [1, 2]}, "d": True, "e": "x=y"}
@@ -57,6 +64,17 @@ def test_override_values_are_typed_yaml():
     (["sft.model.num_heads=3"], "sft.model.num_heads: 3 must divide hidden_size"),
     (["rl.max_turns=3"], "sft.max_wrong_attempts: 4 must be < the longest episode"),
     (["sft.data.run_id=abc"], "sft.data"),
+    # several nodes (flow.<stage>.resources.nodes)
+    (["flow.rl.resources.nodes=2", "rl.engine.kind=deepspeed"], "flow.rl.resources.nodes: 2 nodes need "
+                                                                "flow.launcher 'docker'"),
+    (["flow.launcher=docker", "flow.rl.resources.nodes=2"], "rl.engine.kind: 2 nodes need kind 'deepspeed'"),
+    (["flow.launcher=docker", "flow.evaluate.resources.nodes=2"], "flow.evaluate.resources.nodes: evaluate runs "
+                                                                  "in one process"),
+    (["rl.engine.nodes=2", "rl.engine.kind=deepspeed"], "rl.engine.nodes: 2, but flow.rl.resources.nodes is 1"),
+    (["flow.launcher=docker", "flow.sft.resources.nodes=3", "sft.engine.kind=deepspeed"],
+     "sft.batch_size: 128 must be a multiple of micro_batch_size * engine.world_size (126)"),
+    (["flow.rl.resources.gpus=1", "rl.engine.kind=deepspeed", "rl.engine.num_processes=2"],
+     "rl.engine.num_processes: 2 ranks per node, but flow.rl.resources.gpus gives each node 1 GPU(s)"),
 ])
 def test_bad_config_names_the_field(tmp_path, monkeypatch, capsys, overrides, expected):
     monkeypatch.setenv("UFO_HOME", str(tmp_path / "ws"))

@@ -16,6 +16,7 @@ from stages.common.config import ConfigError
 from stages.common.processes import (
     FORWARDED_ENV,
     REPO_ROOT,
+    Group,
     alive,
     describe_exit,
     spawn,
@@ -116,6 +117,30 @@ def test_a_stage_stopped_while_watching_a_child_still_kills_it_after_the_grace()
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"child {-signal.SIGKILL}", proc.stdout + proc.stderr
+
+
+def test_a_group_ends_when_every_member_ended_and_relays_their_lines_by_name():
+    group = Group({"node 0": spawn(["sh", "-c", "echo a; sleep 0.3; echo b"]),
+                   "node 1": spawn(["sh", "-c", "echo c"])})
+    seen: list[str] = []
+    outcome = watch(group, seen.append, timeout_seconds=60, grace_seconds=1)
+    assert outcome.returncode == 0 and not outcome.timed_out and group.failed is None
+    assert sorted(seen) == ["[node 0] a", "[node 0] b", "[node 1] c"]
+    assert seen.index("[node 0] a") < seen.index("[node 0] b")  # each member's lines in their order
+
+
+def test_a_group_ends_when_one_member_fails_naming_it_and_stop_stops_the_others():
+    """A stage's nodes: one dies, the stage must not wait for the others (they may hang in a collective)."""
+    survivor = spawn(STUBBORN)
+    assert survivor.lines.get(timeout=30) == "ready"
+    group = Group({"node 0": survivor, "node 1": spawn(["sh", "-c", "echo last words; kill -KILL $$"])})
+    seen: list[str] = []
+    outcome = watch(group, seen.append, timeout_seconds=120, grace_seconds=1)
+    assert not outcome.timed_out and outcome.returncode == -signal.SIGKILL
+    assert group.failed == "node 1" and list(group.tails["node 1"]) == ["last words"]
+    assert alive(survivor.pid)  # watch reports; stopping the rest is the caller's
+    group.stop(grace_seconds=0.5)
+    assert gone_within(survivor.pid, 10) and survivor.returncode == -signal.SIGKILL
 
 
 def test_output_held_open_by_a_grandchild_does_not_keep_the_watch_waiting():

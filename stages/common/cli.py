@@ -132,6 +132,10 @@ def stage_main(name: str, config_cls: type, run: Callable[..., Any], argv: list[
         return EXIT_CONFIG
     raise_on_signals(signal.SIGTERM, signal.SIGINT)
     try:
+        from stages.common.rank import follow_stage, this_node_rank
+
+        if this_node_rank() > 0:  # a node of a multi-node stage other than 0, which runs the stage itself
+            return EXIT_OK if follow_stage(name, config, args.run_id) == 0 else EXIT_ERROR
         output = run(config, parent_run_id=args.parent_run_id, run_id=args.run_id)
     except Terminated as err:
         acknowledge_stop()

@@ -320,7 +320,12 @@ def init_process_group(spec: EngineConfig) -> None:
     if torch.distributed.is_initialized():
         return
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks when it joins the group: it needs a C++
+    # compiler (the stage images have none, so the ranks of a container died here) and serves only
+    # `inference_all_reduce`, which training never calls. Off, gloo or nccl carries every collective.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = spec.backend if spec.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if torch.cuda.is_available():

@@ -168,8 +168,14 @@ class EngineConfig(StrictModel):
     """`torch`: a plain optimizer in this process. `deepspeed`: a DeepSpeed engine (ZeRO, see `deepspeed`)
     on `num_processes` ranks."""
     num_processes: int = Field(1, ge=1)
-    """Data-parallel ranks. > 1 needs kind=deepspeed; the stage launches them itself (`launcher`) and
-    its own MLflow run is logged once, by rank 0. On CPU, each rank takes cpu_budget/num_processes threads."""
+    """Data-parallel ranks on each node. > 1 needs kind=deepspeed; the stage launches them itself
+    (`launcher`) and its own MLflow run is logged once, by rank 0. On CPU, each rank takes
+    cpu_budget/num_processes threads; on GPUs each rank takes one (at most the node's GPUs)."""
+    nodes: int = Field(1, ge=1)
+    """Machines the ranks span, `num_processes` on each: `nodes * num_processes` ranks in all. Set by the
+    flow from `flow.<stage>.resources.nodes` (the launcher starts one container or pod per node); > 1
+    needs kind=deepspeed. Cost: every optimizer step reduces the gradients over the network between
+    nodes (on CPU, gloo over TCP)."""
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
     """What starts the ranks: torch's `torchrun` or DeepSpeed's `deepspeed` launcher."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -183,8 +189,15 @@ class EngineConfig(StrictModel):
     def _check(self) -> EngineConfig:
         if self.num_processes > 1 and self.kind != "deepspeed":
             raise ValueError(f"num_processes: {self.num_processes} processes need kind 'deepspeed'")
+        if self.nodes > 1 and self.kind != "deepspeed":
+            raise ValueError(f"kind: {self.nodes} nodes need kind 'deepspeed'")
         return self
 
     @property
+    def world_size(self) -> int:
+        """Ranks in all, over every node."""
+        return self.nodes * self.num_processes
+
+    @property
     def distributed(self) -> bool:
-        return self.num_processes > 1
+        return self.world_size > 1

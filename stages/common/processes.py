@@ -9,15 +9,17 @@ flows/stack.py) and a stage's training ranks (stages/common/rank.py).
 - `stop`: SIGTERM to the child's process group, a grace period, then SIGKILL to the group.
 - `watch`: relay what a `Handle` prints, line by line, until it ends; stop it on a timeout (whether or
   not it prints) and on an interrupt (then the interrupt propagates). A handle is anything that can be
-  read, polled and stopped: a `Child` here, a container or a deployment's flow run in flows/launchers.py.
-- `stage_command` and `stage_env`: the command line and environment of `python -m stages.<name>`
-  (the arguments stages/common/cli.py reads), wherever the stage runs.
+  read, polled and stopped: a `Child` here, a container or a deployment's flow run in flows/launchers.py,
+  or a `Group` of them (a stage's nodes), which ends as soon as one member fails.
+- `stage_command`, `stage_env` and `node_env`: the command line and environment of `python -m
+  stages.<name>` (the arguments stages/common/cli.py reads), wherever the stage runs, and on which node.
 
 Imports only the standard library (and stages.common.runtime, which does too).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import json
@@ -303,6 +305,58 @@ def pump_lines(stream: Iterable, lines: queue.Queue[str | None], decode: bool = 
     return t
 
 
+class Group:
+    """Several handles watched as one (a stage's nodes): their lines relayed as `[name] line`, ended
+    when every member ended with 0, or as soon as one ended otherwise; `stop` stops them all at once.
+
+    `failed` then names the member that ended first with a non-zero code, and `tails` keeps each
+    member's last lines, for an error message that shows what the failed one printed.
+    """
+
+    def __init__(self, members: dict[str, Handle], keep: int = 20):
+        self.members = members
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.tails: dict[str, collections.deque[str]] = {n: collections.deque(maxlen=keep) for n in members}
+        self.failed: str | None = None
+        self._codes: dict[str, int] = {}
+        self._open = len(members)
+        self._lock = threading.Lock()
+        for name, member in members.items():
+            threading.Thread(target=self._pump, args=(name, member), daemon=True).start()
+
+    def _pump(self, name: str, member: Handle) -> None:
+        while (line := member.lines.get()) is not None:
+            if line:
+                self.tails[name].append(line)
+                self.lines.put(f"[{name}] {line}")
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                self.lines.put(None)
+
+    def poll(self) -> int | None:
+        ended = {}
+        for name, member in self.members.items():
+            if name not in self._codes and (code := member.poll()) is not None:
+                ended[name] = code
+        # Of the members seen failing in the same poll, the one that ended first (a container knows when).
+        for name in sorted(ended, key=lambda n: getattr(self.members[n], "ended_at", None) or ""):
+            self._codes[name] = ended[name]
+            if ended[name] != 0 and self.failed is None:
+                self.failed = name
+        if self.failed is not None:
+            return self._codes[self.failed]
+        return 0 if len(self._codes) == len(self.members) else None
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop every member in parallel: all of them get their SIGTERM at once, and the same grace."""
+        threads = [threading.Thread(target=m.stop, args=(grace_seconds,)) for m in self.members.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
 def describe_exit(code: int | None) -> str:
     """`exited with code 1`, `killed by SIGKILL (exit code -9)`; a container reports signal N as 128+N."""
     if code is None:
@@ -339,6 +393,17 @@ def stage_args(*, run_id: str, parent_run_id: str, config: dict | None = None,
 def stage_command(stage: str, **args) -> list[str]:
     """`python -m stages.<stage> ARGS` with this interpreter (`stage_args` takes `args`)."""
     return [sys.executable, "-m", f"stages.{stage}", *stage_args(**args)]
+
+
+#: Set on every node of a stage that spans several (engine.nodes > 1, stages/common/rank.py): this node's
+#: index, and where node 0 hosts the ranks' rendezvous (a name or address the other nodes reach).
+NODE_RANK_ENV, MASTER_ADDR_ENV, MASTER_PORT_ENV = "UFO_NODE_RANK", "MASTER_ADDR", "MASTER_PORT"
+DEFAULT_MASTER_PORT = 29500
+
+
+def node_env(rank: int, master_addr: str, master_port: int = DEFAULT_MASTER_PORT) -> dict[str, str]:
+    """The environment that makes a stage process node `rank` of a multi-node stage."""
+    return {NODE_RANK_ENV: str(rank), MASTER_ADDR_ENV: master_addr, MASTER_PORT_ENV: str(master_port)}
 
 
 def stage_env(tracking_uri: str | None = None, *, inherit: bool = True) -> dict[str, str]:

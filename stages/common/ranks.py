@@ -30,15 +30,23 @@ How RL shares one step:
 
 SFT draws the same global batch on every rank from the same seed and trains each rank on its share of
 the examples (stages/sft/stage.py).
+
+On several nodes the ranks share no disk: files each rank writes where it runs (DeepSpeed's optimizer
+partitions in a checkpoint) are moved to rank 0 before it logs them (`move_files_to_main`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from stages.common.processes import NODE_RANK_ENV
 
 
 @dataclass
@@ -49,10 +57,13 @@ class Ranks:
     world_size: int = 1
     lockstep_forwards: bool = False
     """ZeRO-3 over several ranks: every rank must run the same forward calls of the trained models."""
+    node: int = 0
+    """The node (machine) this rank runs on; ranks on different nodes see different disks."""
 
     @classmethod
     def of(cls, engine) -> Ranks:
-        return cls(engine.rank, engine.world_size, bool(engine.lockstep_forwards))
+        return cls(engine.rank, engine.world_size, bool(engine.lockstep_forwards),
+                   int(os.environ.get(NODE_RANK_ENV) or 0))
 
     @property
     def main(self) -> bool:
@@ -101,6 +112,31 @@ class Ranks:
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
         return episodes
+
+    def move_files_to_main(self, folder: Path) -> None:
+        """Copy the files under `folder` on every other node into rank 0's `folder` (the same path relative
+        to each rank's own out_dir), then remove them there. A collective; on one node nothing moves.
+
+        The first rank of each node sends its node's files, pickled through the process group: costs their
+        size in memory on rank 0, and once over the network.
+        """
+        if self.world_size == 1:
+            return
+        nodes: list[int | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(nodes, self.node)
+        sends = self.node != nodes[0] and nodes.index(self.node) == self.rank
+        files = {p.relative_to(folder).as_posix(): p.read_bytes()
+                 for p in sorted(folder.rglob("*")) if p.is_file()} if sends else {}
+        gathered: list[dict[str, bytes] | None] | None = [None] * self.world_size if self.main else None
+        torch.distributed.gather_object(files, gathered, dst=0)
+        if sends:
+            shutil.rmtree(folder, ignore_errors=True)
+        for part in gathered or []:
+            for rel, data in (part or {}).items():
+                path = folder / rel
+                if not path.exists():  # rank 0's own copy of a file every node wrote wins
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
 
     def barrier(self) -> None:
         if self.world_size > 1:

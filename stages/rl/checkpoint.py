@@ -97,7 +97,8 @@ def save_checkpoint(models: Models, step: int, data_position: int, history: list
     """Write the training state to `workdir`, log it to run `run_id`, then point the run's tag at it.
 
     Every rank calls this: each engine writes its state (DeepSpeed: every rank its ZeRO partition of the
-    optimizer state, into the same folder). Rank 0 then adds the RNG states (the same on every rank, see
+    optimizer state, into the same folder; on several nodes each into its own, moved to rank 0's). Rank 0
+    then adds the RNG states (the same on every rank, see
     `ranks.share_rollout`), uploads and tags; it returns the reference, the other ranks None.
     `data_position` (problems consumed so far) is recorded for readers; resuming needs only the step,
     since `batch.step_problems` is a pure function of (seed, step).
@@ -108,6 +109,7 @@ def save_checkpoint(models: Models, step: int, data_position: int, history: list
     if models.critic_engine is not None:
         models.critic_engine.save_state(folder / "critic")
     ranks.barrier()  # every rank's files are written
+    ranks.move_files_to_main(folder)  # several nodes: their optimizer partitions, into rank 0's folder
     if not ranks.main:
         return None
     torch.save(_torch_rng_states(), folder / "torch_rng.pt")
@@ -134,6 +136,8 @@ class Resume:
     run_id: str
     step: int
     folder: Path
+    ref: ArtifactRef
+    """Where it came from (each node of a multi-node stage fetches its own copy)."""
 
 
 def fetch_resume_point(cfg: Config, run_id: str, experiment_id: str, workdir: Path) -> Resume | None:
@@ -145,7 +149,7 @@ def fetch_resume_point(cfg: Config, run_id: str, experiment_id: str, workdir: Pa
     if found is None:
         return None
     folder = fetch_verified(found.ref, workdir / f"resume-{found.run_id}")
-    return Resume(found.run_id, found.step, folder)
+    return Resume(found.run_id, found.step, folder, found.ref)
 
 
 def read_history(folder: Path) -> list[dict[str, float]]:

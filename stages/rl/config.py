@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from stages.common.config import StageConfig
 from stages.common.contracts import DEFAULT_FEEDBACK, CurateOutput, SFTOutput
 from stages.common.contracts import RLOutput as Output
+from stages.common.memory import describe_paper_setting
 from stages.common.model_spec import Device, EngineConfig
 
 __all__ = ["Config", "Output"]
@@ -31,7 +32,8 @@ class Config(StageConfig):
     faster with more ranks, the forwards, backwards and optimizer memory do; shared_prefix is off there).
     `lora`: LoRA adapters (peft) on the policy only; the KL reference is then the policy with its adapter
     disabled (the SFT weights exactly, no second copy in memory), the critic still trains all its weights,
-    and the logged model is the merged one (plain transformers). ZeRO-3 is refused for RL (not built yet)."""
+    and the logged model is the merged one (plain transformers). ZeRO-3 is refused for RL (not built: at the
+    paper's scale ZeRO-2 fits, see stages/common/memory.py)."""
 
     # --- the episode protocol and its reward ---
     max_turns: int = Field(5, ge=1)
@@ -182,10 +184,14 @@ class Config(StageConfig):
         if self.rollout_engine == "vllm" and self.device == "cpu":
             raise ValueError("rollout_engine: 'vllm' runs on a GPU, but device is 'cpu'; use 'hf'")
         if self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3:
+            # Not built because not needed: ZeRO-3 would also partition the weights, which the paper's model
+            # does not need, and would gather every layer from all ranks at each decoding step of the rollout.
             raise ValueError("engine.deepspeed.zero_stage: 3 is not available in the RL stage yet (SFT has it); "
-                             "use 2")
+                             f"use 2. ZeRO-2 keeps the weights whole on each GPU and still fits: "
+                             f"{describe_paper_setting()}; ZeRO-3 would also gather every layer's weights from "
+                             "all ranks at each decoding step of the rollout")
         zero3_ranks = self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3 \
-            and self.engine.num_processes > 1
+            and self.engine.world_size > 1
         if self.rollout_engine == "vllm" and zero3_ranks:
             raise ValueError("rollout_engine: 'vllm' takes its weights from rank 0, which under ZeRO-3 holds only "
                              "its partition; use engine.deepspeed.zero_stage 2 or one process")

@@ -178,7 +178,7 @@ def build_models(cfg: Config, model_dir: str | Path, device: torch.device) -> Mo
         # A value head has no weights worth sharding: it trains in this process, next to the policy.
         spec = cfg.engine.model_copy(update={"lora": None})
         if critic.trunk is None:
-            spec = spec.model_copy(update={"kind": "torch", "num_processes": 1})
+            spec = spec.model_copy(update={"kind": "torch", "num_processes": 1, "nodes": 1})
         critic_engine = build_engine(critic, spec, lr=cfg.critic_lr, **common)
     return Models(policy_engine, critic_engine, tokenizer, reference, adapter_reference=lora and cfg.kl_coef > 0)
 

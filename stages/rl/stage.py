@@ -134,11 +134,14 @@ def fit(config: Config, problems_path: Path, model_dir: Path, resume_folder: Pat
 
 def _fit_on_ranks(config: Config, ctx: StageContext, problems_path: Path, model_dir: Path,
                   resume: checkpoint.Resume | None, out_dir: Path) -> dict:
-    """`fit` on engine.num_processes ranks (`fit_rank`); returns rank 0's result."""
+    """`fit` on engine.world_size ranks (`fit_rank`); returns rank 0's result."""
     job = {"config": config.model_dump(mode="json"), "problems": str(problems_path), "model_dir": str(model_dir),
            "resume": str(resume.folder) if resume is not None else None, "run_id": ctx.run_id,
            "out_dir": str(out_dir)}
-    return run_on_ranks("rl", config.engine, "stages.rl.stage:fit_rank", job, ctx.workdir / "job")
+    inputs = {"problems": config.data.artifact("train"), "model_dir": config.sft.artifact("model")}
+    if resume is not None:
+        inputs["resume"] = resume.ref
+    return run_on_ranks("rl", config.engine, "stages.rl.stage:fit_rank", job, ctx.workdir / "job", inputs)
 
 
 def fit_rank(job: dict, log_metrics: Callable[[dict[str, float], int], None]) -> dict:

@@ -63,10 +63,10 @@ class Config(StageConfig):
     """The unary feedback text used in multi-turn examples (the pipeline copies rl.feedback here)."""
     batch_size: int = Field(128, ge=1)
     """Examples per optimizer step, over all ranks. Time per step grows linearly. Must be a multiple of
-    micro_batch_size * engine.num_processes."""
+    micro_batch_size * engine.world_size (num_processes on each of engine.nodes)."""
     micro_batch_size: int | None = Field(None, ge=1)
     """Examples per forward/backward on one rank; the step accumulates gradients over batch_size /
-    (micro_batch_size * num_processes) of them. Activation memory grows with it. None = the rank's whole
+    (micro_batch_size * world_size) of them. Activation memory grows with it. None = the rank's whole
     share of the step at once."""
     batching: Literal["bucket", "pad", "pack"] = "bucket"
     """How a micro-batch becomes tensors. `bucket`: one right-padded forward per number of earlier
@@ -114,11 +114,11 @@ class Config(StageConfig):
     def _check(self) -> Config:
         if self.eval_every > self.max_steps:
             raise ValueError(f"eval_every: {self.eval_every} must be <= max_steps ({self.max_steps})")
-        ranks = self.engine.num_processes
+        ranks = self.engine.world_size
         per_step = (self.micro_batch_size or self.batch_size // ranks) * ranks
         if self.batch_size % per_step:
             raise ValueError(f"batch_size: {self.batch_size} must be a multiple of micro_batch_size * "
-                             f"engine.num_processes ({per_step}): every rank runs the same micro-steps")
+                             f"engine.world_size ({per_step}): every rank runs the same micro-steps")
         if self.engine.kind == "deepspeed" and self.engine.deepspeed.zero_stage == 3 and self.batching == "bucket":
             raise ValueError("batching: 'bucket' runs a varying number of forwards per step; ZeRO-3 gathers "
                              "weights in every forward on every rank, so use 'pad' or 'pack'")
@@ -133,5 +133,5 @@ class Config(StageConfig):
     @property
     def micro_steps(self) -> int:
         """Forward/backward passes per optimizer step on each rank."""
-        ranks = self.engine.num_processes
+        ranks = self.engine.world_size
         return self.batch_size // ((self.micro_batch_size or self.batch_size // ranks) * ranks)

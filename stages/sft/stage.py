@@ -23,7 +23,7 @@ import torch
 from stages.common.base_model import import_base_model
 from stages.common.chat import ChatFormat
 from stages.common.config import ConfigError
-from stages.common.contracts import BASE_MODEL_ARTIFACT, Problem, load_split, problems_from
+from stages.common.contracts import BASE_MODEL_ARTIFACT, ArtifactRef, Problem, load_split, problems_from
 from stages.common.engine import build_engine
 from stages.common.episodes import rollout
 from stages.common.grading import equivalent
@@ -176,7 +176,7 @@ def train(config: Config, ctx: StageContext) -> Output:
         metrics = fit(config, load_split(train_path), load_split(val_path), ctx.workdir,
                       lambda m, step: mlflow.log_metrics(m, step=step), base_dir)
     else:
-        metrics = _train_on_ranks(config, ctx, train_path, val_path, base_dir)
+        metrics = _train_on_ranks(config, ctx, train_path, val_path, base_dir, base_ref)
     mlflow.log_metrics(metrics)
     artifacts = {"model": log_artifact(ctx.workdir / "model", "model")}
     if base_ref is not None:
@@ -190,11 +190,14 @@ def train(config: Config, ctx: StageContext) -> Output:
 
 
 def _train_on_ranks(config: Config, ctx: StageContext, train_path: Path, val_path: Path,
-                    base_dir: Path | None) -> dict:
-    """`fit` on engine.num_processes ranks (`fit_rank`); returns rank 0's metrics."""
+                    base_dir: Path | None, base_ref: ArtifactRef | None) -> dict:
+    """`fit` on engine.world_size ranks (`fit_rank`); returns rank 0's metrics."""
     job = {"config": config.model_dump(mode="json"), "train": str(train_path), "val": str(val_path),
            "run_id": ctx.run_id, "out_dir": str(ctx.workdir), "base_dir": str(base_dir) if base_dir else None}
-    return run_on_ranks("sft", config.engine, "stages.sft.stage:fit_rank", job, ctx.workdir / "job")
+    inputs = {"train": config.data.artifact("train"), "val": config.data.artifact("val")}
+    if base_ref is not None:
+        inputs["base_dir"] = base_ref
+    return run_on_ranks("sft", config.engine, "stages.sft.stage:fit_rank", job, ctx.workdir / "job", inputs)
 
 
 def fit_rank(job: dict, log_metrics: LogFn) -> dict:
