@@ -26,6 +26,7 @@ Kubernetes (see infra/README.md); this is the same stack for one machine and for
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -33,15 +34,28 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from flows.credentials import (
+    StackCredentials,
+    credentials_path,
+    env_script,
+    load_or_create,
+    secrets_text,
+    write_private,
+)
 from flows.server import PreflightError, check_http, prefect_executable
 from stages.common.config import ConfigError
 from stages.common.processes import alive, spawn, stop
+from stages.common.runtime import SECRETS_FILE_IN_CONTAINER
 from stages.common.workspace import workspace
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/local/bin", "/usr/bin")
+#: The databases the `ufo` role owns: MLflow's runs, Prefect's, and MLflow's users and permissions.
+DATABASES = ("mlflow", "prefect", "mlflow_auth")
 
 
 def stack_dir() -> Path:
@@ -94,8 +108,10 @@ def pg_home(root: Path) -> Path:
     return Path("/var/tmp") / f"ufo-stack-{digest}"
 
 
-def start_postgres(root: Path, port: int) -> str:
-    """Initialise (once) and start the cluster; return its SQLAlchemy host part `user@host:port`."""
+def start_postgres(root: Path, port: int, creds: StackCredentials) -> str:
+    """Initialise (once) and start the cluster with password logins only; make (once) the `ufo` role and its
+    databases. Return the SQLAlchemy host part `ufo@host:port` (the password goes in PGPASSWORD, which libpq
+    and asyncpg read, so that it appears on no command line: `ps` shows those to every user)."""
     home = pg_home(root)
     data, sock = home / "pg", home / "socket"
     for folder in (home, sock):
@@ -107,10 +123,22 @@ def start_postgres(root: Path, port: int) -> str:
         link.symlink_to(data)
     if not (data / "PG_VERSION").is_file():
         data.mkdir(parents=True, exist_ok=True)
+        pwfile = home / "initdb-password"
+        write_private(pwfile, creds.pg_superuser_password + "\n")
         if os.geteuid() == 0:
             shutil.chown(data, "postgres")
-        _run(_as_postgres([_pg_tool("initdb"), "-D", str(data), "-U", "ufo", "--auth=trust", "-E", "UTF8"]),
-             "initdb")
+            shutil.chown(pwfile, "postgres")
+        try:
+            # scram-sha-256 for every connection, the Unix socket included: trust (initdb's default) lets any
+            # local user connect as any role, the superuser included.
+            _run(_as_postgres([_pg_tool("initdb"), "-D", str(data), "-U", creds.pg_superuser,
+                               "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"]), "initdb")
+        finally:
+            pwfile.unlink(missing_ok=True)
+    elif not _password_auth(data):
+        raise ConfigError(f"the stack's PostgreSQL in {data} lets anyone connect without a password (made by an "
+                          "older `ufo stack up`); remove that folder and `ufo stack up` again to start a new stack "
+                          "with passwords (the runs it tracked are lost), or move it away to keep them")
     log = home / "postgres.log"
     if not log.exists():
         log.touch()
@@ -118,15 +146,41 @@ def start_postgres(root: Path, port: int) -> str:
         shutil.chown(log, "postgres")
     _run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
                        f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"]), "pg_ctl start")
-    for db in ("mlflow", "prefect"):
-        exists = subprocess.run(_as_postgres([_pg_tool("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "ufo",
-                                              "-d", "postgres", "-tAc",
-                                              f"select 1 from pg_database where datname = '{db}'"]),
-                                capture_output=True, text=True).stdout.strip()
-        if exists != "1":
-            _run(_as_postgres([_pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "ufo", db]),
-                 f"createdb {db}")
-    return f"ufo@127.0.0.1:{port}"
+    _ensure_role_and_databases(port, creds)
+    return f"{creds.pg_user}@127.0.0.1:{port}"
+
+
+def _password_auth(data: Path) -> bool:
+    """Whether the cluster's pg_hba.conf asks every connection for a password (no `trust` line)."""
+    lines = [line.split() for line in (data / "pg_hba.conf").read_text().splitlines()]
+    return not any(fields and not fields[0].startswith("#") and "trust" in fields for fields in lines)
+
+
+def _ensure_role_and_databases(port: int, creds: StackCredentials) -> None:
+    """The `ufo` role (LOGIN, no superuser, no CREATEDB/CREATEROLE) with the credentials file's password, and
+    the databases it owns. Idempotent; the password is set on every start so the file stays the truth."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        conn = psycopg.connect(host="127.0.0.1", port=port, user=creds.pg_superuser,
+                               password=creds.pg_superuser_password, dbname="postgres", autocommit=True,
+                               connect_timeout=10)
+    except psycopg.OperationalError as err:
+        raise ConfigError(f"the stack's PostgreSQL refused {creds.pg_superuser} with the password in "
+                          f"{credentials_path(stack_dir())} ({str(err).strip()}); the file does not belong to this "
+                          "cluster: restore the right one, or remove the stack folder to start afresh") from None
+    with conn:
+        role = sql.Identifier(creds.pg_user)
+        exists = conn.execute("select 1 from pg_roles where rolname = %s", (creds.pg_user,)).fetchone()
+        verb = "ALTER" if exists else "CREATE"
+        # Sent as a literal and hashed by the server (password_encryption = scram-sha-256); statements are
+        # not logged (log_statement = none), so the plain password is kept nowhere.
+        conn.execute(sql.SQL("{} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+            sql.SQL(verb), role, sql.Literal(creds.pg_password)))
+        for db in DATABASES:
+            if not conn.execute("select 1 from pg_database where datname = %s", (db,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), role))
 
 
 def stop_postgres(root: Path) -> None:
@@ -169,51 +223,76 @@ def listen_address(listen: str) -> str:
     return gateway
 
 
+MLFLOW_AUTH_INI = """[mlflow]
+# What a user may do with experiments and models that no grant names: read. Whoever creates an
+# experiment or a registered model gets MANAGE on it (MLflow's basic-auth app grants it after the
+# create call), so the pipeline user edits everything it made, and a team member's user reads it.
+default_permission = READ
+database_uri = {database_uri}
+admin_username = {admin}
+# The admin's password is MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment, not in this file.
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
 def up(pool: str | None, pool_type: str, mlflow_port: int, prefect_port: int, pg_port: int,
        host: str = "127.0.0.1") -> dict:
     root = stack_dir()
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)  # artifacts, logs and credentials: the servers' business, not other users' of this machine
     state = _load_state(root)
     if any(alive(pid) for pid in state["processes"].values()):
         raise ConfigError(f"the stack in {root} is already running (`ufo stack status`; `ufo stack down` stops it)")
+    creds, _created = load_or_create(root)
     state = {"processes": {}, "root": str(root)}
     _save_state(root, state)  # `down` can clean up whatever starts below, even if `up` fails half-way
     try:
-        pg = start_postgres(root, pg_port)
+        pg = start_postgres(root, pg_port, creds)
         state["postgres"] = pg
         base_env = {**os.environ, "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-        base_env.pop("MLFLOW_TRACKING_URI", None)
-        base_env.pop("PREFECT_API_URL", None)
+        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", *creds.client_env()):
+            base_env.pop(key, None)
+        server_env = {**base_env, "PGPASSWORD": creds.pg_password}
         mlflow_url = f"http://{host}:{mlflow_port}"
         (root / "artifacts").mkdir(exist_ok=True)
+        write_private(root / "mlflow-auth.ini", MLFLOW_AUTH_INI.format(
+            database_uri=f"postgresql+psycopg://{pg}/mlflow_auth", admin=creds.mlflow_admin))
+        mlflow_env = {**server_env, "MLFLOW_AUTH_CONFIG_PATH": str(root / "mlflow-auth.ini"),
+                      "MLFLOW_AUTH_ADMIN_USERNAME": creds.mlflow_admin,
+                      "MLFLOW_AUTH_ADMIN_PASSWORD": creds.mlflow_admin_password,
+                      "MLFLOW_FLASK_SERVER_SECRET_KEY": creds.mlflow_flask_secret_key}
         mlflow_exe = str(Path(sys.executable).with_name("mlflow"))
         pid = _start_daemon(root, "mlflow", [
-            mlflow_exe, "server", "--backend-store-uri", f"postgresql+psycopg://{pg}/mlflow",
+            mlflow_exe, "server", "--app-name", "basic-auth",
+            "--backend-store-uri", f"postgresql+psycopg://{pg}/mlflow",
             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
             "--host", host, "--port", str(mlflow_port), "--workers", "2",
-            "--allowed-hosts", f"{host}:{mlflow_port},localhost:{mlflow_port},{host},localhost"], base_env)
+            "--allowed-hosts", f"{host}:{mlflow_port},localhost:{mlflow_port},{host},localhost"], mlflow_env)
         state["processes"]["mlflow"] = pid
         _save_state(root, state)
         prefect_url = f"http://{host}:{prefect_port}/api"
-        prefect_env = {**base_env, "PREFECT_HOME": str(root / "prefect"),
+        prefect_env = {**server_env, "PREFECT_HOME": str(root / "prefect"),
                        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{pg}/prefect",
+                       "PREFECT_SERVER_API_AUTH_STRING": creds.prefect_auth_string,
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": prefect_url}
         pid = _start_daemon(root, "prefect", [prefect_executable(), "server", "start", "--host", host,
                                               "--port", str(prefect_port)], prefect_env)
         state["processes"]["prefect"] = pid
         _save_state(root, state)
         _await(f"{mlflow_url}/health", "MLflow server", state["processes"]["mlflow"], root / "mlflow.log")
+        ensure_mlflow_user(mlflow_url, creds)
         _await(f"{prefect_url}/health", "Prefect server", pid, root / "prefect.log")
         state |= {"mlflow_tracking_uri": mlflow_url, "prefect_api_url": prefect_url}
+        client_env = {"MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_API_URL": prefect_url, **creds.client_env()}
         if pool:
-            client_env = {**base_env, "PREFECT_API_URL": prefect_url, "PREFECT_HOME": str(root / "prefect"),
-                          "MLFLOW_TRACKING_URI": mlflow_url}
-            create_pool(pool, pool_type, client_env)
+            # The worker, and the flow runs a process worker starts, log in with the pipeline's credentials.
+            worker_env = {**base_env, **client_env, "PREFECT_HOME": str(root / "prefect")}
+            create_pool(pool, pool_type, worker_env, pool_secrets_file(root, creds))
             pid = _start_daemon(root, f"worker-{pool}", [prefect_executable(), "worker", "start", "--pool", pool,
-                                                         "--type", pool_type, "--name", f"ufo-{pool}"], client_env)
+                                                         "--type", pool_type, "--name", f"ufo-{pool}"], worker_env)
             state["processes"][f"worker-{pool}"] = pid
             state["pool"] = {"name": pool, "type": pool_type}
-        (root / "env.sh").write_text(f"export MLFLOW_TRACKING_URI={mlflow_url}\nexport PREFECT_API_URL={prefect_url}\n")
+        write_private(root / "env.sh", env_script(client_env))
         _save_state(root, state)
     except BaseException:
         down()
@@ -221,12 +300,65 @@ def up(pool: str | None, pool_type: str, mlflow_port: int, prefect_port: int, pg
     return state
 
 
-def create_pool(pool: str, pool_type: str, env: dict[str, str]) -> None:
-    """Create (or update) the work pool with the project's base job template for its type."""
+def _mlflow_auth_call(url: str, method: str, path: str, creds: StackCredentials, body: dict | None = None) -> int:
+    """One call of MLflow's auth REST API as the admin; its HTTP status."""
+    token = base64.b64encode(f"{creds.mlflow_admin}:{creds.mlflow_admin_password}".encode()).decode()
+    req = urllib.request.Request(url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 -- the stack's own server
+            return resp.status
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise ConfigError(f"the stack's MLflow server refused its admin {creds.mlflow_admin} with the password "
+                              f"in {credentials_path(stack_dir())}: the file does not belong to this stack's auth "
+                              "database; restore the right one, or remove the stack folder to start afresh") from None
+        if err.code == 404:
+            return 404
+        raise RuntimeError(f"MLflow's auth API answered HTTP {err.code} to {method} {path}: "
+                           f"{err.read().decode(errors='replace')[:500]}") from None
+
+
+def ensure_mlflow_user(url: str, creds: StackCredentials) -> None:
+    """The pipeline's MLflow user, with the credentials file's password (made at the first start; its
+    password set again on later ones, so the file stays the truth). It is no admin: it creates experiments,
+    runs and registered models (and so MANAGEs them) and reads the rest (default_permission)."""
+    user = {"username": creds.mlflow_user, "password": creds.mlflow_password}
+    if _mlflow_auth_call(url, "GET", f"/api/2.0/mlflow/users/get?username={creds.mlflow_user}", creds) == 404:
+        _mlflow_auth_call(url, "POST", "/api/2.0/mlflow/users/create", creds, user)
+    else:
+        _mlflow_auth_call(url, "PATCH", "/api/2.0/mlflow/users/update-password", creds, user)
+
+
+def pool_secrets_file(root: Path, creds: StackCredentials) -> Path:
+    """The pipeline user's MLflow credentials as a file for the work pool's containers to mount (0444 in a
+    0700 folder: the stage images' user reads it through the mount, other users here cannot reach it)."""
+    folder = root / "secrets"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / "mlflow"
+    write_private(path, secrets_text({k: v for k, v in creds.client_env().items() if k.startswith("MLFLOW_")}),
+                  mode=0o444)
+    return path
+
+
+def create_pool(pool: str, pool_type: str, env: dict[str, str], secrets_file: Path | None = None) -> None:
+    """Create (or update) the work pool with the project's base job template for its type.
+
+    A Docker pool's containers mount `secrets_file` read-only where stages look for it
+    (`stages.common.runtime.SECRETS_FILE_IN_CONTAINER`): the MLflow credentials stay out of the job
+    variables, which Prefect stores and shows, and out of the containers' environment. (Prefect's worker
+    does put its own settings, PREFECT_API_AUTH_STRING included, into each container's environment.)
+    """
     template = INFRA / "work-pools" / f"{pool_type}.json"
     exists = subprocess.run([prefect_executable(), "work-pool", "inspect", pool], env=env, capture_output=True).returncode == 0
     cmd = ["work-pool", "update", pool] if exists else ["work-pool", "create", pool, "--type", pool_type]
     if template.is_file():
+        if pool_type == "docker" and secrets_file is not None:
+            data = json.loads(template.read_text())
+            data["variables"]["properties"]["volumes"]["default"] = [
+                f"{secrets_file}:{SECRETS_FILE_IN_CONTAINER}:ro"]
+            template = stack_dir() / f"work-pool-{pool_type}.json"
+            template.write_text(json.dumps(data, indent=2))
         cmd += ["--base-job-template", str(template)]
     _run([prefect_executable(), *cmd], f"prefect work-pool {'update' if exists else 'create'} {pool}", env)
 

@@ -5,6 +5,7 @@ a test imports this module, never conftest."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,33 @@ def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float =
             pytest.fail(f"ufo exited ({proc.returncode}) before printing {text!r}:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
     pytest.fail(f"{text!r} not printed within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+class Stack:
+    """`ufo stack ...` and `ufo ...` against a stack in the workspace `home` (`ufo stack up` there)."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.env = {**os.environ, "UFO_HOME": str(home),
+                    # Schedules and workers react in seconds, not the default minute (test only).
+                    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+                    "PREFECT_WORKER_QUERY_SECONDS": "3", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY"):
+            self.env.pop(key, None)
+
+    def ufo(self, *args: str, timeout: float = 1800, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
+                              env={**self.env, **env}, timeout=timeout)
+
+    def load_env(self) -> dict[str, str]:
+        """What `source stack/env.sh` exports, added to `env`; returned."""
+        exported = {}
+        for line in (self.home / "stack" / "env.sh").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            exported[key] = shlex.split(value)[0] if value else ""
+        self.env |= exported
+        return exported
 
 
 # --- MLflow and Prefect, as a user queries them ----------------------------------------------------

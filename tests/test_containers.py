@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 from stages.common.contracts import OUTPUT_TYPES
 from stages.common.processes import free_port
 from stages.common.tracking import fetch_verified
-from tests.helpers import MICRO, REPO, find_runs, metric_histories, start_ufo, wait_for_text
+from tests.helpers import MICRO, REPO, Stack, find_runs, metric_histories, start_ufo, wait_for_text
 
 pytestmark = pytest.mark.docker
 SMOKE = "configs/smoke.yaml"
@@ -36,21 +35,6 @@ STAGES = ("curate", "sft", "rl", "evaluate")
 
 def _docker(*args: str) -> str:
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout
-
-
-class Stack:
-    def __init__(self, home: Path):
-        self.home = home
-        self.env = {**os.environ, "UFO_HOME": str(home),
-                    # Schedules and workers react in seconds, not the default minute (test only).
-                    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-                    "PREFECT_WORKER_QUERY_SECONDS": "3", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
-        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
-            self.env.pop(key, None)
-
-    def ufo(self, *args: str, timeout: float = 1800, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
-                              env={**self.env, **env}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +49,7 @@ def stack(tmp_path_factory):
                timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        for line in (s.home / "stack" / "env.sh").read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            s.env[key] = value
+        s.load_env()
         deploy = s.ufo("deploy", SMOKE, "--pool", "ufo-docker", timeout=300)
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         mlflow.set_tracking_uri(s.env["MLFLOW_TRACKING_URI"])

@@ -168,18 +168,24 @@ def prepare_process() -> None:
 
 #: A file of KEY=VALUE lines (credentials) that a launcher mounted into the stage's container.
 SECRETS_FILE_ENV = "UFO_SECRETS_FILE"
+#: Where a container finds it when $UFO_SECRETS_FILE is unset: the Docker launcher and the stack's Docker
+#: work pool mount it there, and a Kubernetes pod mounts its Secret there (infra/README.md, "Credentials").
+SECRETS_FILE_IN_CONTAINER = "/run/secrets/ufo/credentials"
 
 
 def load_secrets_file() -> list[str]:
-    """Put the credentials in `$UFO_SECRETS_FILE` into this process's environment (where unset), where
-    MLflow's client reads them (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD); return their names.
+    """Put the credentials in `$UFO_SECRETS_FILE` (else `SECRETS_FILE_IN_CONTAINER`, if there is one) into
+    this process's environment where unset, where MLflow's client reads them (MLFLOW_TRACKING_USERNAME,
+    MLFLOW_TRACKING_PASSWORD); return their names (never the values: they are not to be logged).
 
     A mounted file rather than environment variables: Docker shows a container's environment to anyone
     who may run `docker inspect`, and keeps it with the container's configuration.
     """
     path = os.environ.get(SECRETS_FILE_ENV)
     if not path:
-        return []
+        if not Path(SECRETS_FILE_IN_CONTAINER).is_file():
+            return []
+        path = SECRETS_FILE_IN_CONTAINER
     names = []
     for line in Path(path).read_text().splitlines():
         key, sep, value = line.partition("=")
