@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from flows.cache import code_digest
 from flows.config import FlowConfig
+from flows.credentials import client_secrets, secrets_file
 from flows.node import FOLLOW_ARGS_ENV, FOLLOW_STAGE_ENV
 from flows.resources import (
     Resources,
@@ -50,6 +51,8 @@ from stages.common.processes import (
     stage_env,
     watch,
 )
+from stages.common.runtime import SECRETS_FILE_IN_CONTAINER
+from stages.common.workspace import workspace
 
 LABEL_STAGE = "ai.ufo.stage"
 LABEL_CODE = "ai.ufo.code-digest"
@@ -182,7 +185,9 @@ class DockerLauncher:
     """Each stage a container of its own image (`<image_prefix>-<stage>:<tag>`), through the Docker SDK.
 
     Containers share the host's network, so they reach the MLflow server at the URI the flow uses; they
-    read nothing from host paths: inputs come by URI from MLflow, the config on the command line.
+    read nothing from host paths: inputs come by URI from MLflow, the config on the command line. The one
+    exception is the MLflow credentials (MLFLOW_TRACKING_USERNAME/PASSWORD of the flow's environment): a
+    file made for the attempt, mounted read-only and removed when the container is (`_secrets_volume`).
     """
 
     name = "docker"
@@ -211,13 +216,18 @@ class DockerLauncher:
 
     def launch(self, job: StageJob, log: Log) -> LaunchResult:
         image = self.image(job.stage)
-        if job.resources.nodes > 1:
-            return self._launch_nodes(job, log, image)
+        with secrets_file(workspace() / "secrets", client_secrets()) as secrets:
+            if job.resources.nodes > 1:
+                return self._launch_nodes(job, log, image, secrets)
+            return self._launch_one(job, log, image, secrets)
+
+    def _launch_one(self, job: StageJob, log: Log, image: str, secrets: Path | None) -> LaunchResult:
         log(f"$ docker run {image} {job.stage} --run-id {job.run_id}")
         container = self.client.containers.run(
             image, command=job.args(), detach=True, environment=stage_env(self.tracking_uri, inherit=False),
             network_mode="host", name=f"ufo-{job.stage}-{job.run_id[:12]}",
-            labels={LABEL_STAGE: job.stage, LABEL_RUN: job.run_id}, **docker_run_kwargs(job.resources))
+            labels={LABEL_STAGE: job.stage, LABEL_RUN: job.run_id}, volumes=_secrets_volume(secrets),
+            **docker_run_kwargs(job.resources))
         try:
             handle, tail = _Container(container), _Tail(job.stage, log)
             outcome = watch(handle, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
@@ -232,7 +242,7 @@ class DockerLauncher:
                 container.remove(force=True)
 
 
-    def _launch_nodes(self, job: StageJob, log: Log, image: str) -> LaunchResult:
+    def _launch_nodes(self, job: StageJob, log: Log, image: str, secrets: Path | None) -> LaunchResult:
         """One container per node on a Docker network made for this attempt; node 0 runs the stage and hosts
         the rendezvous at its container name (stages/common/rank.py). The stage ends when every node ended
         with 0, or as soon as one did not: then the others are stopped. Containers and network are removed
@@ -251,7 +261,8 @@ class DockerLauncher:
                 log(f"$ docker run --network {name} {image} {job.stage} --run-id {job.run_id}  # node {k} of {nodes}")
                 containers[f"node {k}"] = self.client.containers.run(
                     image, command=job.args(), detach=True, environment=env, network=name, name=f"{name}-node{k}",
-                    hostname=f"{name}-node{k}", labels={**labels, LABEL_NODE: str(k)}, **run_kwargs)
+                    hostname=f"{name}-node{k}", labels={**labels, LABEL_NODE: str(k)}, volumes=_secrets_volume(secrets),
+                    **run_kwargs)
             group = Group({node: _Container(c) for node, c in containers.items()})
             tail = _Tail(job.stage, log)
             outcome = watch(group, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
@@ -273,6 +284,13 @@ class DockerLauncher:
                     container.remove(force=True)
             with contextlib.suppress(Exception):
                 network.remove()
+
+
+def _secrets_volume(secrets: Path | None) -> dict[str, dict[str, str]]:
+    """The bind mount of the MLflow credentials file, read-only where the stage looks for it
+    (`stages.common.runtime.load_secrets_file`): not environment variables, which `docker inspect` shows to
+    whoever may use Docker, nor labels, nor image layers."""
+    return {str(secrets): {"bind": SECRETS_FILE_IN_CONTAINER, "mode": "ro"}} if secrets else {}
 
 
 def require_reachable_from_containers(uri: str, field: str) -> None:

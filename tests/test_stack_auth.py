@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from flows.credentials import secrets_file
+from flows.launchers import StageJob, deployment_job_variables
 from flows.stack import pg_home
 from stages.common.processes import alive, free_port
 from stages.common.runtime import SECRETS_FILE_ENV, load_secrets_file
@@ -179,3 +180,15 @@ def test_a_mounted_secrets_file_reaches_the_stage_environment(tmp_path, monkeypa
     assert not path.exists() and not path.parent.exists()
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "u"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "already-set"
+
+
+@pytest.mark.parametrize("pool_type", ["docker", "process", "kubernetes"])
+def test_credentials_stay_out_of_a_deployments_job_variables(pool_type, tmp_path, monkeypatch):
+    """Prefect stores a flow run's job variables and shows them in its UI: the worker's environment (a
+    process pool), the pool's mounted file (Docker) or the pod's Secret (Kubernetes) carry the credentials."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ufo-pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password")
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "ufo:s3cret-string")
+    job = StageJob(stage="sft", config={}, run_id="run1", parent_run_id="parent1", workdir=tmp_path)
+    variables = json.dumps(deployment_job_variables(job, pool_type, "pool", "http://127.0.0.1:5000"))
+    assert "s3cret" not in variables and "MLFLOW_TRACKING_PASSWORD" not in variables
