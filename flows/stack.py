@@ -17,8 +17,10 @@ The MLflow and Prefect servers listen on one address, `--listen`: 127.0.0.1 by d
 only); `docker` is the gateway of Docker's default bridge network, which this machine and containers on
 any Docker network reach (a stage on several nodes runs on a network of its own), and nothing outside
 this machine does. PostgreSQL listens on 127.0.0.1 only.
-It writes `stack/env.sh` (`source` it: MLFLOW_TRACKING_URI, PREFECT_API_URL) and `stack/stack.json`
-(what runs where). `down` stops all of it, workers first and PostgreSQL last, and leaves nothing
+Every server asks for credentials (flows/credentials.py: PostgreSQL passwords, MLflow's basic-auth app,
+Prefect's API auth string), generated at the first `up` into `stack/credentials.json` (0600) and reused.
+It writes `stack/env.sh` (0600; `source` it: the servers' URLs and the pipeline user's credentials) and
+`stack/stack.json` (what runs where). `down` stops all of it, workers first and PostgreSQL last, and leaves nothing
 running; it is safe to call twice. A production deployment runs the same servers under systemd or
 Kubernetes (see infra/README.md); this is the same stack for one machine and for the tests.
 """
