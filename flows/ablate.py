@@ -96,7 +96,6 @@ def run_ablation(suite_path: str, overrides: list[str] | None = None, force: boo
 
 
 def _flow():
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from prefect import flow, get_run_logger
 
@@ -104,7 +103,14 @@ def _flow():
     from flows.runs import close_run, finish_run, open_run
     from stages.common import report as rep
     from stages.common.contracts import OUTPUT_TYPES
-    from stages.common.tracking import TAG_KIND, TAG_PARENT, configure, fetch_verified, write_json_atomic
+    from stages.common.tracking import (
+        TAG_KIND,
+        TAG_PARENT,
+        configure,
+        fetch_verified,
+        log_metrics,
+        write_json_atomic,
+    )
     from stages.common.workspace import tracking_uri, workspace
 
     @flow(name="ufo-arm", flow_run_name="{arm}-seed{seed}")
@@ -174,11 +180,10 @@ def _flow():
             headline = {k: v for k, v in flat.items()
                         if k.startswith(f"eval/{suite.report_set}/") or (suite.report_set == "test" and
                                                                          k.count("/") == 2)}
-            now = int(time.time() * 1000)
-            client.log_batch(pid, metrics=[Metric(k, v, now, 0) for k, v in sorted(headline.items())][:1000])
+            log_metrics(client, pid, headline)
             for arm, run_id in arm_runs.items():
-                mine = {k.replace(f"/{arm}/", "/", 1): v for k, v in headline.items() if f"/{arm}/" in k}
-                client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(mine.items())])
+                log_metrics(client, run_id, {k.replace(f"/{arm}/", "/", 1): v for k, v in headline.items()
+                                             if f"/{arm}/" in k})
                 finish_run(client, run_id)
             plots = rep.make_plots(results, comparisons, T)
             notes = [f"Seeds {suite.seeds} pooled: each problem counts once per seed; the bootstrap resamples "

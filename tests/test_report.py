@@ -183,3 +183,16 @@ def test_many_arms_split_results_and_differences_into_two_tables():
     html = rep.build_html(results, comparisons, max_turns=T, notes=["UFO beats single-turn RL."])
     assert html.count("<table>") == 3  # results, differences, glossary
     assert "<h3>Paired differences</h3>" in html and "<p>UFO beats single-turn RL.</p>" in html
+
+
+def test_log_metrics_logs_every_metric_past_mlflows_batch_limit(workspace):
+    """An ablation's headline with seed spreads holds more metrics than one MLflow batch: all are logged."""
+    import mlflow
+
+    from stages.common.tracking import MAX_METRICS_PER_BATCH, log_metrics
+
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("batches")).info.run_id
+    metrics = {f"eval/arm{i:04d}/succ_at_5": i / 7 for i in range(2 * MAX_METRICS_PER_BATCH + 1)}
+    log_metrics(client, run_id, metrics)
+    assert client.get_run(run_id).data.metrics == pytest.approx(metrics)

@@ -195,6 +195,24 @@ def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return hf.get_decoder(), hf.get_output_embeddings()
 
 
+#: The output head's share of a model's weights below which `selected_logits` keeps the plain forward:
+#: there the head costs next to nothing (the tiny default's is 0.3% of its weights), and the plain
+#: forward keeps the float order, so such models train exactly as they did before the selection existed
+#: (the tiny default's SFT otherwise stops at another step: same per-step time, a different trajectory).
+MIN_HEAD_SHARE = 0.05
+
+
+def head_share(model) -> float:
+    """The output head's share of a plain-head model's weights (0 for anything `selected_logits` cannot
+    split); a tied head counts once, as its weights are stored once."""
+    parts = _decoder_and_head(model)
+    if parts is None:
+        return 0.0
+    decoder, head = parts
+    return head.weight.numel() / (head.weight.numel() + sum(p.numel() for p in decoder.parameters()
+                                                            if p is not head.weight))
+
+
 def selected_logits(model, inputs: dict[str, torch.Tensor], where: torch.Tensor) -> torch.Tensor:
     """Logits [N, V] at the positions `where` [B, W-1] marks (position j predicts token j+1) of a forward
     over `inputs` (input_ids [B, W] and attention or position ids, or a cache).
@@ -202,10 +220,11 @@ def selected_logits(model, inputs: dict[str, torch.Tensor], where: torch.Tensor)
     Only the decoder runs on every position; the output head (vocabulary x hidden, 21% of SmolLM2-135M's
     weights) and the softmax run on the N selected positions: the answer tokens, a tenth of an SFT
     example and less of an RL episode. Same numbers as `model(**inputs).logits[:, :-1][where]` up to
-    float rounding; models with anything after the head fall back to that.
+    float rounding; models with anything after the head, or whose head is under `MIN_HEAD_SHARE` of
+    their weights, take that plain forward.
     """
     parts = _decoder_and_head(model)
-    if parts is None:
+    if parts is None or head_share(model) < MIN_HEAD_SHARE:
         return model(**inputs, use_cache=False).logits[:, :-1][where]
     decoder, head = parts
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][where]  # [N, H]

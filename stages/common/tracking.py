@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,21 @@ def sha256_path(path: str | Path) -> str:
         if p.is_file()
     ]
     return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+
+#: MLflow's limit on the metrics of one `log_batch` call (its REST API refuses more).
+MAX_METRICS_PER_BATCH = 1000
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Every metric of `metrics` on `run_id` at `step`, in batches MLflow accepts: an ablation with seed
+    spreads logs more than one batch holds, and cutting the list at the limit lost the rest silently."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+    for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=batch[start:start + MAX_METRICS_PER_BATCH])
 
 
 def log_artifact(local_path: str | Path, artifact_path: str) -> ArtifactRef:
