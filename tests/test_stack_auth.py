@@ -99,7 +99,9 @@ def test_the_pipeline_user_may_do_what_a_pipeline_does(stack, monkeypatch, tmp_p
     client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))  # through the server's artifact proxy
     client.set_terminated(run.info.run_id)
     client.create_registered_model("auth-check-model")
-    client.create_model_version("auth-check-model", f"runs:/{run.info.run_id}/a.txt", run_id=run.info.run_id)
+    version = client.create_model_version("auth-check-model", f"runs:/{run.info.run_id}/a.txt", run_id=run.info.run_id)
+    client.set_registered_model_alias("auth-check-model", "candidate", str(version.version))  # the registry gate
+    assert client.get_model_version_by_alias("auth-check-model", "candidate").version == version.version
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["a.txt"]
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.5}
 
