@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import json
 import queue
 import time
@@ -232,11 +233,7 @@ class DockerLauncher:
             handle, tail = _Container(container), _Tail(job.stage, log)
             outcome = watch(handle, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
                             poll_seconds=0.5)
-            oom = None
-            if handle.oom_killed():
-                oom = (f"OOM-killed: the container went over its memory limit "
-                       f"(flow.{job.stage}.resources.memory = {job.resources.memory})")
-            return _result(outcome, job, list(tail.lines), oom)
+            return _result(outcome, job, list(tail.lines), _oom(job, "the container") if handle.oom_killed() else None)
         finally:
             with contextlib.suppress(Exception):
                 container.remove(force=True)
@@ -272,8 +269,7 @@ class DockerLauncher:
                 member = group.members[group.failed]
                 failure = f"{group.failed} of {nodes} {describe_exit(outcome.returncode)}"
                 if member.oom_killed():
-                    failure = (f"{group.failed} of {nodes} was OOM-killed: its container went over its memory limit "
-                               f"(flow.{job.stage}.resources.memory = {job.resources.memory})")
+                    failure = f"{group.failed} of {nodes} was {_oom(job, 'its container')}"
                 lines = [f"[{group.failed}] {line}" for line in group.tails[group.failed]]
             return _result(outcome, job, lines, failure)
         finally:
@@ -293,11 +289,18 @@ def _secrets_volume(secrets: Path | None) -> dict[str, dict[str, str]]:
     return {str(secrets): {"bind": SECRETS_FILE_IN_CONTAINER, "mode": "ro"}} if secrets else {}
 
 
+def _oom(job: StageJob, container: str) -> str:
+    return (f"OOM-killed: {container} went over its memory limit (flow.{job.stage}.resources.memory = "
+            f"{job.resources.memory})")
+
+
 def require_reachable_from_containers(uri: str, field: str) -> None:
     """A ConfigError unless the server at `uri` can be reached from a container on a Docker network of its
     own: a loopback address is the container's own, not this machine's."""
     host = (urlsplit(uri).hostname or "").lower()
-    if host == "localhost" or host.startswith("127.") or host == "::1":
+    with contextlib.suppress(ValueError):  # a name, not an address
+        host = "localhost" if ipaddress.ip_address(host).is_loopback else host
+    if host == "localhost":
         raise ConfigError(f"{field}: each node runs in a container on a Docker network of its own, which cannot "
                           f"reach the tracking server {uri} (this machine's loopback address); run the servers on "
                           "an address the containers reach, the Docker bridge's gateway (`ufo stack up --listen "

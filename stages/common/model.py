@@ -206,9 +206,10 @@ def head_share(model) -> float:
     """The output head's share of a plain-head model's weights (0 for anything `selected_logits` cannot
     split); a tied head counts once, as its weights are stored once."""
     parts = _decoder_and_head(model)
-    if parts is None:
-        return 0.0
-    decoder, head = parts
+    return 0.0 if parts is None else _head_share(*parts)
+
+
+def _head_share(decoder: torch.nn.Module, head: torch.nn.Module) -> float:
     return head.weight.numel() / (head.weight.numel() + sum(p.numel() for p in decoder.parameters()
                                                             if p is not head.weight))
 
@@ -224,7 +225,7 @@ def selected_logits(model, inputs: dict[str, torch.Tensor], where: torch.Tensor)
     their weights, take that plain forward.
     """
     parts = _decoder_and_head(model)
-    if parts is None or head_share(model) < MIN_HEAD_SHARE:
+    if parts is None or _head_share(*parts) < MIN_HEAD_SHARE:
         return model(**inputs, use_cache=False).logits[:, :-1][where]
     decoder, head = parts
     hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1][where]  # [N, H]

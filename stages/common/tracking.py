@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from stages.common.config import StageConfig, dump_yaml
@@ -99,8 +100,6 @@ MAX_METRICS_PER_BATCH = 1000
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Every metric of `metrics` on `run_id` at `step`, in batches MLflow accepts: an ablation with seed
     spreads logs more than one batch holds, and cutting the list at the limit lost the rest silently."""
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
     for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
