@@ -104,6 +104,9 @@ def verdict(metrics: dict[str, float], *, has_champion: bool, champion_version: 
 
 def _alias(client: MlflowClient, name: str, alias: str):
     try:
+        # The model first: MLflow's auth app answers an alias lookup on a model that does not exist with 403
+        # (it finds no model to check the permission on), not 404, so a first pipeline would fail there.
+        client.get_registered_model(name)
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):

@@ -19,6 +19,7 @@ import pytest
 
 from flows.credentials import secrets_file
 from flows.launchers import StageJob, deployment_job_variables
+from flows.registry import CHAMPION, _alias
 from flows.stack import pg_home
 from stages.common.processes import alive, free_port
 from stages.common.runtime import SECRETS_FILE_ENV, load_secrets_file
@@ -98,6 +99,9 @@ def test_the_pipeline_user_may_do_what_a_pipeline_does(stack, monkeypatch, tmp_p
     (tmp_path / "a.txt").write_text("artifact")
     client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))  # through the server's artifact proxy
     client.set_terminated(run.info.run_id)
+    # A first pipeline asks for the champion of a model nobody has registered yet (the auth app answers 403
+    # there, not 404): no champion, not a failure.
+    assert _alias(client, "auth-check-model", CHAMPION) is None
     client.create_registered_model("auth-check-model")
     version = client.create_model_version("auth-check-model", f"runs:/{run.info.run_id}/a.txt", run_id=run.info.run_id)
     client.set_registered_model_alias("auth-check-model", "candidate", str(version.version))  # the registry gate
