@@ -114,10 +114,10 @@ class FlowConfig(StrictModel):
     answer before it gives up: a stage then fails naming the server, and the runs nobody could close are
     closed by the next `ufo` command once the server is back. A restart shorter than this goes unnoticed."""
     deployment_claim_seconds: float = Field(60.0, gt=0)
-    """`deployment` launcher: a stage's flow run that no worker has claimed this long after it was created
-    (still Scheduled or Late), or that was claimed but has not started while no worker of its pool has
-    sent a heartbeat for this long, is marked Crashed and the stage fails, naming the work pool. Workers
-    poll every 10 s by default (PREFECT_WORKER_QUERY_SECONDS)."""
+    """`deployment` launcher: a stage's flow run still Scheduled, Late or Pending this long after it was
+    created, while no worker of its pool has sent a heartbeat for as long (nor for two of its heartbeat
+    intervals), is marked Crashed and the stage fails, naming the work pool. A live but busy worker is
+    waited for. Workers poll every 10 s by default (PREFECT_WORKER_QUERY_SECONDS)."""
     curate: StageSettings = StageSettings()
     sft: StageSettings = StageSettings()
     rl: StageSettings = StageSettings()

@@ -308,19 +308,49 @@ def require_reachable_from_containers(uri: str, field: str) -> None:
 
 
 class _FlowRun:
-    """A deployment's flow run as `watch` reads it: its state (its log stays in Prefect), cancelled to stop."""
+    """A deployment's flow run as `watch` reads it: its state (its log stays in Prefect), cancelled to stop.
 
-    def __init__(self, client, flow_run):
-        self.client, self.flow_run = client, flow_run
+    A flow run that no worker takes is noticed (`unclaimed`): still Scheduled, Late or Pending
+    `claim_seconds` after it was created, while no worker of its pool has sent a heartbeat for as long. It
+    is then marked Crashed and `poll` says it failed, so a dead worker costs the pipeline about a minute,
+    not the stage's timeout (which defaults to none)."""
+
+    def __init__(self, client, flow_run, pool: str, claim_seconds: float):
+        self.client, self.flow_run, self.pool, self.claim_seconds = client, flow_run, pool, claim_seconds
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.lines.put(None)
+        self.unclaimed: str | None = None
+        self._since = time.monotonic()
 
     def poll(self) -> int | None:
         self.flow_run = self.client.read_flow_run(self.flow_run.id)
         state = self.flow_run.state
         if state is None or not state.is_final():
+            if state is not None and (state.is_scheduled() or state.is_pending()) and self._unclaimed():
+                return 1
             return None
         return 0 if state.is_completed() else 1
+
+    def _unclaimed(self) -> bool:
+        waited = time.monotonic() - self._since
+        if waited < self.claim_seconds:
+            return False
+        from prefect.states import Crashed
+
+        now, workers = time.time(), self.client.read_workers_for_work_pool(self.pool)
+        beats = [w.last_heartbeat_time.timestamp() for w in workers if w.last_heartbeat_time is not None]
+        # A live worker may be busy (the pool's concurrency limit): then the run waits for its turn. Workers
+        # beat every PREFECT_WORKER_HEARTBEAT_SECONDS (30 s by default): two missed beats is a dead worker.
+        window = max(self.claim_seconds, 2 * max((w.heartbeat_interval_seconds or 30 for w in workers), default=30))
+        if beats and now - max(beats) < window:
+            return False
+        last = f"{now - max(beats):.0f} s ago" if beats else "never"
+        self.unclaimed = (f"flow run {self.flow_run.name} was not started by any worker of work pool {self.pool} "
+                          f"within {waited:.0f} s (flow.deployment_claim_seconds = {self.claim_seconds:g}; still "
+                          f"{self.flow_run.state.name}), and no worker of the pool has sent a heartbeat since {last}: "
+                          f"is its worker running (`ufo stack status`; `ufo stack restart worker`)? Marked it Crashed")
+        self.client.set_flow_run_state(self.flow_run.id, Crashed(message=self.unclaimed), force=True)
+        return True
 
     def stop(self, grace_seconds: float) -> None:
         """Cancel the run: its worker stops the stage (SIGTERM, grace, SIGKILL); wait for it as long."""
@@ -379,13 +409,13 @@ class DeploymentLauncher:
             flow_run = run_deployment(name, parameters=params, job_variables=job_vars, timeout=0,
                                       idempotency_key=f"ufo-stage-{job.run_id}")
             log(f"{job.stage}: flow run {flow_run.name} ({flow_run.id}) of deployment {name}")
-            handle = _FlowRun(client, flow_run)
+            handle = _FlowRun(client, flow_run, deployment.work_pool_name, self.flow.deployment_claim_seconds)
             outcome = watch(handle, log, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
                             poll_seconds=1.0)
             if outcome.returncode == 0 and not outcome.timed_out:
                 return _result(outcome, job, [])
             state = handle.flow_run.state
-            ended = f"flow run {flow_run.name} ended {state.name}" if state is not None else None
+            ended = handle.unclaimed or (f"flow run {flow_run.name} ended {state.name}" if state is not None else None)
             return _result(outcome, job, handle.tail(), ended)
 
 

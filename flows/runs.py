@@ -108,9 +108,10 @@ def settle(tracking_uri: str, stopped: bool) -> list[str]:
     """
     ledger = LEDGER
     if stopped:
-        for run_id in ledger.opened:
-            if run_id not in ledger.ended and run_id not in ledger.unclosed:
-                ledger.unclosed[run_id] = ("KILLED", "ufo was stopped before it could close the run")
+        left = [r for r in ledger.opened if r not in ledger.ended and r not in ledger.unclosed]
+        client = MlflowClient(tracking_uri) if left else None
+        for run_id in left:  # closed now if the server answers, else journaled (close_run)
+            close_run(client, run_id, "KILLED", "ufo was stopped before its flow closed the run")
     lines = []
     closed = [f"{ledger.opened.get(r, 'run')} {r} {s}" for r, s in ledger.ended.items() if s != "FINISHED"]
     if closed:

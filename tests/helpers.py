@@ -4,6 +4,7 @@ a test imports this module, never conftest."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -218,3 +219,15 @@ def gone_within(pid: int, seconds: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@contextlib.contextmanager
+def prefect_client(env: dict[str, str]):
+    """A Prefect client of the stack's server, with its auth string (`env`: the stack's `env.sh`; settings
+    are read once per process: override them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    updates = {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}
+    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
+        yield client
