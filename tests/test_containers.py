@@ -335,18 +335,18 @@ def test_a_secret_scan_after_the_containerised_runs_finds_no_password(stack):
         return [k for k, v in secrets.items() if v in text]
 
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert len(runs) >= 20
+    assert len(runs) >= 10  # two pipelines at least (this test alone after the first three: 10)
     found = {f"run {r.info.run_id}": leaks(json.dumps([r.data.params, r.data.tags])) for r in runs}
     # Artifacts: the files the MLflow server stores (every model, dataset, log and config it was sent).
     files = [p for p in (stack.home / "stack" / "artifacts").rglob("*") if p.is_file()]
-    assert len(files) >= 50
+    assert len(files) >= 20
     found |= {str(p): leaks(p.read_bytes().decode("latin-1")) for p in files}
     with prefect_client(stack.env) as client:
         logs, offset = [], 0
         while batch := client.read_logs(limit=200, offset=offset):
             logs += [entry.message for entry in batch]
             offset += len(batch)
-    assert len(logs) >= 100
+    assert len(logs) >= 20
     found["prefect logs"] = leaks("\n".join(logs))
     for stage in STAGES:
         found[f"ufo-{stage} image"] = leaks(_docker("history", "--no-trunc", f"ufo-{stage}:latest")
@@ -354,7 +354,7 @@ def test_a_secret_scan_after_the_containerised_runs_finds_no_password(stack):
     # Docker's event log keeps every label of every container that started, the removed ones included.
     events = _docker("events", "--since", f"{stack.started:.0f}", "--until", f"{time.time():.0f}",
                      "--filter", "type=container", "--format", "{{json .Actor.Attributes}}")
-    assert events.count("\n") >= 20
+    assert events.count("\n") >= 8
     found["container labels"] = leaks(events)
     assert not {where: keys for where, keys in found.items() if keys}
     print(f"secret scan: {len(secrets)} secrets, {len(runs)} runs' params and tags, {len(files)} artifact files, "
