@@ -18,11 +18,14 @@ not as environment variables, which `docker inspect` shows.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import secrets
 import shlex
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,3 +149,50 @@ def secrets_file(folder: Path, values: dict[str, str]) -> Iterator[Path | None]:
             path.unlink()
         with contextlib.suppress(OSError):
             private.rmdir()
+
+
+# --- MLflow's users (the basic-auth app of the stack's server) -------------------------------------
+
+
+MLFLOW_AUTH_INI = """[mlflow]
+# What a user may do with experiments and models that no grant names: read. Whoever creates an
+# experiment or a registered model gets MANAGE on it (MLflow's basic-auth app grants it after the
+# create call), so the pipeline user edits everything it made, and a team member's user reads it.
+default_permission = READ
+database_uri = {database_uri}
+admin_username = {admin}
+# The admin's password is MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment, not in this file.
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
+def _mlflow_auth_call(url: str, method: str, path: str, creds: StackCredentials, where: Path,
+                      body: dict | None = None) -> int:
+    """One call of MLflow's auth REST API as the admin (`where`: the credentials file, for the error); its HTTP
+    status."""
+    token = base64.b64encode(f"{creds.mlflow_admin}:{creds.mlflow_admin_password}".encode()).decode()
+    req = urllib.request.Request(url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 -- the stack's own server
+            return resp.status
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            raise ConfigError(f"the stack's MLflow server refused its admin {creds.mlflow_admin} with the password "
+                              f"in {where}: the file does not belong to this stack's auth "
+                              "database; restore the right one, or remove the stack folder to start afresh") from None
+        if err.code == 404:
+            return 404
+        raise RuntimeError(f"MLflow's auth API answered HTTP {err.code} to {method} {path}: "
+                           f"{err.read().decode(errors='replace')[:500]}") from None
+
+
+def ensure_mlflow_user(url: str, creds: StackCredentials, where: Path) -> None:
+    """The pipeline's MLflow user, with the credentials file's password (made at the first start; its
+    password set again on later ones, so the file stays the truth). It is no admin: it creates experiments,
+    runs and registered models (and so MANAGEs them) and reads the rest (default_permission)."""
+    user = {"username": creds.mlflow_user, "password": creds.mlflow_password}
+    if _mlflow_auth_call(url, "GET", f"/api/2.0/mlflow/users/get?username={creds.mlflow_user}", creds, where) == 404:
+        _mlflow_auth_call(url, "POST", "/api/2.0/mlflow/users/create", creds, where, user)
+    else:
+        _mlflow_auth_call(url, "PATCH", "/api/2.0/mlflow/users/update-password", creds, where, user)

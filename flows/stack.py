@@ -39,10 +39,8 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -53,13 +51,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flows.credentials import (
+    MLFLOW_AUTH_INI,
     StackCredentials,
     credentials_path,
+    ensure_mlflow_user,
     env_script,
     load_or_create,
     secrets_text,
     write_private,
 )
+from flows.postgres import pg_home, postgres_pid, run_checked, start_postgres, stop_postgres
 from flows.server import PreflightError, check_http, file_lock, prefect_executable
 from stages.common.config import ConfigError
 from stages.common.processes import alive, group_members, spawn, start_time, stop
@@ -67,9 +68,6 @@ from stages.common.runtime import SECRETS_FILE_IN_CONTAINER
 from stages.common.workspace import unclosed_runs_journal, workspace
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
-PG_BIN_CANDIDATES = ("/usr/lib/postgresql/15/bin", "/usr/local/bin", "/usr/bin")
-#: The databases the `ufo` role owns: MLflow's runs, Prefect's, and MLflow's users and permissions.
-DATABASES = ("mlflow", "prefect", "mlflow_auth")
 #: What `restart` takes: `worker` is the work pool's worker (`worker-<pool>` in stack.json and `status`).
 RESTARTABLE = ("postgres", "mlflow", "prefect", "worker")
 #: Seconds a server gets to exit after SIGTERM before its group gets SIGKILL.
@@ -179,132 +177,6 @@ def _recorded_layout(state: dict, root: Path) -> Layout:
 
 
 # ---------------------------------------------------------------------------------------------------
-# PostgreSQL
-
-
-def _pg_tool(name: str) -> str:
-    for folder in PG_BIN_CANDIDATES:
-        if (Path(folder) / name).is_file():
-            return str(Path(folder) / name)
-    found = shutil.which(name)
-    if not found:
-        raise ConfigError(f"PostgreSQL's `{name}` is not installed (apt-get install postgresql)")
-    return found
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: root runs it as the `postgres` user."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed ({' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
-
-
-def pg_home(root: Path) -> Path:
-    """Where the cluster lives. Run as root, PostgreSQL runs as `postgres`, which may not be able to
-    enter the workspace (e.g. under a 0700 home): then it lives in /var/tmp, one folder per stack,
-    with `stack/pg` linking to it."""
-    if os.geteuid() != 0:
-        return root / "pg-home"
-    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    return Path("/var/tmp") / f"ufo-stack-{digest}"
-
-
-def start_postgres(root: Path, port: int, creds: StackCredentials) -> str:
-    """Initialise (once) and start the cluster with password logins only; make (once) the `ufo` role and its
-    databases. Return the SQLAlchemy host part `ufo@host:port` (the password goes in PGPASSWORD, which libpq
-    and asyncpg read, so that it appears on no command line: `ps` shows those to every user)."""
-    home = pg_home(root)
-    data, sock = home / "pg", home / "socket"
-    for folder in (home, sock):
-        folder.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            shutil.chown(folder, "postgres")
-    link = root / "pg"
-    if not link.exists():
-        link.symlink_to(data)
-    if not (data / "PG_VERSION").is_file():
-        data.mkdir(parents=True, exist_ok=True)
-        pwfile = home / "initdb-password"
-        write_private(pwfile, creds.pg_superuser_password + "\n")
-        if os.geteuid() == 0:
-            shutil.chown(data, "postgres")
-            shutil.chown(pwfile, "postgres")
-        try:
-            # scram-sha-256 for every connection, the Unix socket included: trust (initdb's default) lets any
-            # local user connect as any role, the superuser included.
-            _run(_as_postgres([_pg_tool("initdb"), "-D", str(data), "-U", creds.pg_superuser,
-                               "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"]), "initdb")
-        finally:
-            pwfile.unlink(missing_ok=True)
-    elif not _password_auth(data):
-        raise ConfigError(f"the stack's PostgreSQL in {data} lets anyone connect without a password (made by an "
-                          "older `ufo stack up`); remove that folder and `ufo stack up` again to start a new stack "
-                          "with passwords (the runs it tracked are lost), or move it away to keep them")
-    log = home / "postgres.log"
-    if not log.exists():
-        log.touch()
-    if os.geteuid() == 0:
-        shutil.chown(log, "postgres")
-    _run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
-                       f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"]), "pg_ctl start")
-    _ensure_role_and_databases(port, creds)
-    return f"{creds.pg_user}@127.0.0.1:{port}"
-
-
-def _password_auth(data: Path) -> bool:
-    """Whether the cluster's pg_hba.conf asks every connection for a password (no `trust` line)."""
-    lines = [line.split() for line in (data / "pg_hba.conf").read_text().splitlines()]
-    return not any(fields and not fields[0].startswith("#") and "trust" in fields for fields in lines)
-
-
-def _ensure_role_and_databases(port: int, creds: StackCredentials) -> None:
-    """The `ufo` role (LOGIN, no superuser, no CREATEDB/CREATEROLE) with the credentials file's password, and
-    the databases it owns. Idempotent; the password is set on every start so the file stays the truth."""
-    import psycopg
-    from psycopg import sql
-
-    try:
-        conn = psycopg.connect(host="127.0.0.1", port=port, user=creds.pg_superuser,
-                               password=creds.pg_superuser_password, dbname="postgres", autocommit=True,
-                               connect_timeout=10)
-    except psycopg.OperationalError as err:
-        raise ConfigError(f"the stack's PostgreSQL refused {creds.pg_superuser} with the password in "
-                          f"{credentials_path(stack_dir())} ({str(err).strip()}); the file does not belong to this "
-                          "cluster: restore the right one, or remove the stack folder to start afresh") from None
-    with conn:
-        role = sql.Identifier(creds.pg_user)
-        exists = conn.execute("select 1 from pg_roles where rolname = %s", (creds.pg_user,)).fetchone()
-        verb = "ALTER" if exists else "CREATE"
-        # Sent as a literal and hashed by the server (password_encryption = scram-sha-256); statements are
-        # not logged (log_statement = none), so the plain password is kept nowhere.
-        conn.execute(sql.SQL("{} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
-            sql.SQL(verb), role, sql.Literal(creds.pg_password)))
-        for db in DATABASES:
-            if not conn.execute("select 1 from pg_database where datname = %s", (db,)).fetchone():
-                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), role))
-
-
-def stop_postgres(root: Path) -> None:
-    data = pg_home(root) / "pg"
-    if (data / "postmaster.pid").is_file():
-        subprocess.run(_as_postgres([_pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True)
-
-
-def postgres_pid(root: Path) -> int | None:
-    """The postmaster's pid while it runs (from its postmaster.pid), else None."""
-    try:
-        pid = int((pg_home(root) / "pg" / "postmaster.pid").read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return None
-    return pid if alive(pid) else None
-
-
-# ---------------------------------------------------------------------------------------------------
 # The daemons: MLflow, Prefect, the worker
 
 
@@ -319,18 +191,6 @@ def listen_address(listen: str) -> str:
     if gateway is None:
         raise ConfigError("--listen docker: Docker's bridge network has no gateway address; give one with --listen")
     return gateway
-
-
-MLFLOW_AUTH_INI = """[mlflow]
-# What a user may do with experiments and models that no grant names: read. Whoever creates an
-# experiment or a registered model gets MANAGE on it (MLflow's basic-auth app grants it after the
-# create call), so the pipeline user edits everything it made, and a team member's user reads it.
-default_permission = READ
-database_uri = {database_uri}
-admin_username = {admin}
-# The admin's password is MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment, not in this file.
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-"""
 
 
 def client_env(layout: Layout, creds: StackCredentials) -> dict[str, str]:
@@ -391,7 +251,7 @@ def _ready(root: Path, layout: Layout, creds: StackCredentials, name: str, pid: 
     if name == "mlflow":
         _await("MLflow server", lambda: _answers(f"{layout.mlflow_url}/health"), pid, log,
                f"no answer at {layout.mlflow_url}/health")
-        ensure_mlflow_user(layout.mlflow_url, creds)
+        ensure_mlflow_user(layout.mlflow_url, creds, credentials_path(root))
     elif name == "prefect":
         _await("Prefect server", lambda: _answers(f"{layout.prefect_url}/health"), pid, log,
                f"no answer at {layout.prefect_url}/health")
@@ -436,36 +296,6 @@ def _worker_heartbeat(layout: Layout, creds: StackCredentials) -> str | None:
     return next((w.get("last_heartbeat_time") for w in workers if w.get("name") == f"ufo-{layout.pool}"), None)
 
 
-def _mlflow_auth_call(url: str, method: str, path: str, creds: StackCredentials, body: dict | None = None) -> int:
-    """One call of MLflow's auth REST API as the admin; its HTTP status."""
-    token = base64.b64encode(f"{creds.mlflow_admin}:{creds.mlflow_admin_password}".encode()).decode()
-    req = urllib.request.Request(url + path, method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 -- the stack's own server
-            return resp.status
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            raise ConfigError(f"the stack's MLflow server refused its admin {creds.mlflow_admin} with the password "
-                              f"in {credentials_path(stack_dir())}: the file does not belong to this stack's auth "
-                              "database; restore the right one, or remove the stack folder to start afresh") from None
-        if err.code == 404:
-            return 404
-        raise RuntimeError(f"MLflow's auth API answered HTTP {err.code} to {method} {path}: "
-                           f"{err.read().decode(errors='replace')[:500]}") from None
-
-
-def ensure_mlflow_user(url: str, creds: StackCredentials) -> None:
-    """The pipeline's MLflow user, with the credentials file's password (made at the first start; its
-    password set again on later ones, so the file stays the truth). It is no admin: it creates experiments,
-    runs and registered models (and so MANAGEs them) and reads the rest (default_permission)."""
-    user = {"username": creds.mlflow_user, "password": creds.mlflow_password}
-    if _mlflow_auth_call(url, "GET", f"/api/2.0/mlflow/users/get?username={creds.mlflow_user}", creds) == 404:
-        _mlflow_auth_call(url, "POST", "/api/2.0/mlflow/users/create", creds, user)
-    else:
-        _mlflow_auth_call(url, "PATCH", "/api/2.0/mlflow/users/update-password", creds, user)
-
-
 def pool_secrets_file(root: Path, creds: StackCredentials) -> Path:
     """The pipeline user's MLflow credentials as a file for the work pool's containers to mount (0444 in a
     0700 folder: the stage images' user reads it through the mount, other users here cannot reach it)."""
@@ -496,7 +326,7 @@ def create_pool(pool: str, pool_type: str, env: dict[str, str], secrets_file: Pa
             template = stack_dir() / f"work-pool-{pool_type}.json"
             template.write_text(json.dumps(data, indent=2))
         cmd += ["--base-job-template", str(template)]
-    _run([prefect_executable(), *cmd], f"prefect work-pool {'update' if exists else 'create'} {pool}", env)
+    run_checked([prefect_executable(), *cmd], f"prefect work-pool {'update' if exists else 'create'} {pool}", env)
 
 
 # ---------------------------------------------------------------------------------------------------

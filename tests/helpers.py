@@ -231,3 +231,19 @@ def prefect_client(env: dict[str, str]):
     updates = {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}
     with temporary_settings(updates=updates), get_client(sync_client=True) as client:
         yield client
+
+
+def http_status(url: str, auth: str | None = None) -> int | None:
+    """HTTP status of GET `url` (with `Authorization: Basic base64(auth)` if given); None if nothing answers."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:  # noqa: S310
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError):
+        return None

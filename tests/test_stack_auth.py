@@ -5,35 +5,22 @@ by the module; `ufo stack down` leaves no process behind."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import stat
 import time
-import urllib.error
-import urllib.request
 
 import psycopg
 import pytest
 
 from flows.credentials import secrets_file
 from flows.launchers import StageJob, deployment_job_variables
+from flows.postgres import pg_home
 from flows.registry import CHAMPION, _alias
-from flows.stack import pg_home
 from stages.common.processes import alive, free_port
 from stages.common.runtime import SECRETS_FILE_ENV, load_secrets_file
-from tests.helpers import Stack, processes_of
-
-
-def _status(url: str, auth: str | None = None) -> int:
-    """HTTP status of GET `url`, with `Authorization: Basic base64(auth)` if given."""
-    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:  # noqa: S310
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
+from tests.helpers import Stack, http_status, processes_of
 
 
 def _up(s: Stack) -> None:
@@ -77,12 +64,12 @@ def test_credentials_are_generated_private_and_exported(stack):
 def test_mlflow_asks_for_the_pipeline_users_password(stack):
     url = stack.exported["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
     user, password = stack.exported["MLFLOW_TRACKING_USERNAME"], stack.exported["MLFLOW_TRACKING_PASSWORD"]
-    assert _status(url) == 401
-    assert _status(url, f"{user}:wrong-password") == 401
-    assert _status(url, f"{user}:{password}") == 200
+    assert http_status(url) == 401
+    assert http_status(url, f"{user}:wrong-password") == 401
+    assert http_status(url, f"{user}:{password}") == 200
     # The pipeline user is no admin: it may not see other users.
     admin = stack.exported["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/users/get?username=admin"
-    assert _status(admin, f"{user}:{password}") == 403
+    assert http_status(admin, f"{user}:{password}") == 403
 
 
 def test_the_pipeline_user_may_do_what_a_pipeline_does(stack, monkeypatch, tmp_path):
@@ -112,10 +99,10 @@ def test_the_pipeline_user_may_do_what_a_pipeline_does(stack, monkeypatch, tmp_p
 
 def test_prefect_asks_for_the_auth_string(stack):
     api = stack.exported["PREFECT_API_URL"]
-    assert _status(f"{api}/health") == 200  # probes stay open
-    assert _status(f"{api}/admin/version") == 401
-    assert _status(f"{api}/admin/version", "ufo:wrong") == 401
-    assert _status(f"{api}/admin/version", stack.exported["PREFECT_API_AUTH_STRING"]) == 200
+    assert http_status(f"{api}/health") == 200  # probes stay open
+    assert http_status(f"{api}/admin/version") == 401
+    assert http_status(f"{api}/admin/version", "ufo:wrong") == 401
+    assert http_status(f"{api}/admin/version", stack.exported["PREFECT_API_AUTH_STRING"]) == 200
 
 
 def test_postgres_refuses_ufo_without_its_password_and_ufo_is_no_superuser(stack):
@@ -172,7 +159,7 @@ def test_a_restart_reuses_the_credentials(stack):
     assert (stack.home / "stack" / "credentials.json").read_text() == before
     url = stack.exported["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
     user, password = stack.exported["MLFLOW_TRACKING_USERNAME"], stack.exported["MLFLOW_TRACKING_PASSWORD"]
-    assert _status(url, f"{user}:{password}") == 200
+    assert http_status(url, f"{user}:{password}") == 200
 
 
 def test_a_mounted_secrets_file_reaches_the_stage_environment(tmp_path, monkeypatch):

@@ -104,6 +104,18 @@ def _wait_stage_running(stage: str, since_ms: int, proc, log, timeout: float = 3
     pytest.fail(f"{stage} did not start logging within {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+def _kill_and_wait(pids: list[int], proc, log, what: str) -> tuple[float, str]:
+    """SIGKILL `pids`; wait for `ufo` to fail (exit 1); return the seconds it took and its log."""
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    code = proc.wait(timeout=600)
+    took, out = time.monotonic() - killed, log.read_text()
+    print(f"{what}: ufo exited {code} {took:.1f} s later")
+    assert code == 1, out[-4000:]
+    return took, out
+
+
 def test_postgres_restarted_mid_rl_the_pipeline_finishes(stack, tmp_path):
     """Today's good behaviour, pinned: the servers reconnect, the pipeline finishes, nothing stays open."""
     since, log = int(time.time() * 1000), tmp_path / "ufo.log"
@@ -129,14 +141,8 @@ def test_mlflow_killed_mid_stage_fails_in_bounded_time_and_its_runs_are_closed_o
     rl = _wait_stage_running("rl", since, proc, log)
     pipeline = _newest_pipeline(since)
     leader = _pid(stack, "mlflow")
-    for pid in [leader, *group_members(leader)]:  # the server and its workers: all of it gone
-        os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    code = proc.wait(timeout=600)
-    took = time.monotonic() - killed
-    out = log.read_text()
-    print(f"MLflow killed mid-rl: ufo exited {code} {took:.1f} s later (tracking_retry_seconds {bound:g})")
-    assert code == 1, out[-4000:]
+    took, out = _kill_and_wait([leader, *group_members(leader)], proc, log,  # the server and its workers
+                               f"MLflow killed mid-rl (tracking_retry_seconds {bound:g})")
     # The stage gave up within the bound (plus the flow's own calls, each bounded the same way), naming the server.
     assert took < 4 * bound + 30, out[-4000:]
     assert stack.env["MLFLOW_TRACKING_URI"] in out, out[-4000:]
@@ -164,13 +170,8 @@ def test_worker_killed_the_stage_fails_naming_the_pool_and_a_rerun_completes(sta
     proc = start_ufo(stack.home, "run", MICRO, "--force", *sets, log=log, **stack.env)
     wait_for_text(log, "curate: flow run", proc, timeout=300)
     worker = _pid(stack, f"worker-{POOL}")
-    os.kill(worker, signal.SIGKILL)  # the worker only, as a crash would: a flow run it started may finish
-    killed = time.monotonic()
-    code = proc.wait(timeout=600)
-    took = time.monotonic() - killed
-    out = log.read_text()
-    print(f"worker killed: ufo exited {code} {took:.1f} s later (deployment_claim_seconds {claim:g})")
-    assert code == 1, out[-4000:]
+    # The worker only, as a crash would: a flow run it started may finish.
+    took, out = _kill_and_wait([worker], proc, log, f"worker killed (deployment_claim_seconds {claim:g})")
     assert f"work pool {POOL}" in out and "Marked it Crashed" in out, out[-4000:]
     # At most one stage (started before the kill) runs out, then the next one waits the bound.
     assert took < claim + 120, out[-4000:]

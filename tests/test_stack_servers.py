@@ -7,7 +7,6 @@ their leader and checks that `ufo stack down` still leaves no process behind."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -16,15 +15,13 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import pytest
 
-from flows.stack import pg_home, postgres_pid
+from flows.postgres import pg_home, postgres_pid
 from stages.common.processes import alive, free_port, group_members, start_time
-from tests.helpers import Stack, processes_of
+from tests.helpers import Stack, http_status, processes_of
 
 pytestmark = pytest.mark.stack
 
@@ -52,18 +49,6 @@ def _status(stack: Stack) -> dict[str, Row]:
         assert aligned and all(cells), f"not aligned under the header:\n{header}\n{line}"
         rows[cells[0]] = Row(cells[1], None if cells[2] == "-" else int(cells[2]), cells[3])
     return rows
-
-
-def _http(url: str, auth: str | None = None) -> int | None:
-    """HTTP status of GET `url` (with `Authorization: Basic base64(auth)` if given); None if nothing answers."""
-    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:  # noqa: S310
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except (urllib.error.URLError, OSError):
-        return None
 
 
 def _refuses(port: int) -> bool:
@@ -169,7 +154,7 @@ def test_restart_mlflow_after_its_leader_died(stack, monkeypatch):
 
     leader = _status(stack)["mlflow"].pid
     old = _kill_leader(leader)
-    assert _http(f"{uri}/health") == 200  # the orphans still serve
+    assert http_status(f"{uri}/health") == 200  # the orphans still serve
     row = _status(stack)["mlflow"]
     assert re.fullmatch(r"leader dead, (\d+) process(es)? left", row.state), row.state
     assert int(row.state.split()[2]) == len(group_members(leader)) and row.pid == leader
@@ -182,10 +167,10 @@ def test_restart_mlflow_after_its_leader_died(stack, monkeypatch):
     assert not group_members(leader) and not [pid for pid in old if alive(pid)]
     row = _status(stack)["mlflow"]
     assert row.state == "running" and row.pid != leader and alive(row.pid)
-    assert _http(f"{uri}/health") == 200
+    assert http_status(f"{uri}/health") == 200
     search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert _http(search, f"{user}:{password}") == 200
-    assert _http(search) == 401
+    assert http_status(search, f"{user}:{password}") == 200
+    assert http_status(search) == 401
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["ufo.failure"].startswith("the stage died (closed later")
 
