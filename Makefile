@@ -39,7 +39,7 @@ run: $(STAMP)
 ## files (module fixtures are built once); the longest file, test_pipeline_e2e.py, sets the wall time.
 ## The 25 slowest tests are listed at the end (where the time goes).
 test: $(STAMP) $(MODELS_STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu and not docker" -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not docker and not stack" -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 ## The four stage images (containers/README.md); needs a Docker engine. BASE_IMAGE=..., TORCH_WHEELS=DIR.
 images: $(STAMP)
@@ -47,8 +47,9 @@ images: $(STAMP)
 
 ## Stages in containers: builds the images, starts PostgreSQL + MLflow server + Prefect server + a Docker
 ## worker (ufo stack), runs the smoke pipeline with the docker and deployment launchers, stops it all.
+## Also the stack's server faults (-m stack: PostgreSQL restarted, MLflow or the worker killed mid-run).
 test-containers: $(STAMP)
-	$(BIN)/python -m pytest -m docker $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "docker or stack" $(PYTEST_ARGS)
 
 ## The slow acceptance test: the full tiny default pipeline, checked against its targets (3 seeds, ~7 min each).
 test-slow: $(STAMP) $(MODELS_STAMP)

@@ -100,7 +100,7 @@ def _flow():
     from prefect import flow, get_run_logger
 
     from flows.pipeline import run_stage
-    from flows.runs import close_run
+    from flows.runs import close_run, finish_run, open_run
     from stages.common import report as rep
     from stages.common.contracts import OUTPUT_TYPES
     from stages.common.tracking import (
@@ -130,18 +130,17 @@ def _flow():
         workdir = workspace() / "ablations" / f"{int(time.time())}"
         workdir.mkdir(parents=True, exist_ok=True)
         flow_cfg = first.flow.model_dump(mode="json")
-        parent = client.create_run(experiment_id, run_name=f"ablation-{Path(suite_path).stem}",
-                                   tags={TAG_KIND: KIND_ABLATION, "ufo.suite": Path(suite_path).name})
-        pid = parent.info.run_id
+        pid = open_run(client, experiment_id, "ablation", run_name=f"ablation-{Path(suite_path).stem}",
+                       tags={TAG_KIND: KIND_ABLATION, "ufo.suite": Path(suite_path).name})
         use_cache = not force
         try:
             client.log_text(pid, Path(suite_path).read_text(), "config/suite.yaml")
             for arm, cfg in arms.items():
                 client.log_text(pid, cfg.model_dump_json(indent=2), f"config/arms/{arm}.json")
-            arm_runs = {arm: client.create_run(experiment_id, run_name=f"arm-{arm}", tags={
+            arm_runs = {arm: open_run(client, experiment_id, f"arm {arm}", run_name=f"arm-{arm}", tags={
                 TAG_PARENT: pid, TAG_KIND: "arm", TAG_ARM: arm,
                 "mlflow.note.content": f"Arm `{arm}` of suite {Path(suite_path).name}: "
-                                       + (", ".join(suite.arms[arm]) or "the base config")}).info.run_id
+                                       + (", ".join(suite.arms[arm]) or "the base config")})
                         for arm in arms}
             data = run_stage("curate", _stage_config(first, "curate", first.curate.seed), pid, experiment_id,
                              flow_cfg, str(workdir), use_cache)
@@ -185,7 +184,7 @@ def _flow():
             for arm, run_id in arm_runs.items():
                 log_metrics(client, run_id, {k.replace(f"/{arm}/", "/", 1): v for k, v in headline.items()
                                              if f"/{arm}/" in k})
-                client.set_terminated(run_id, "FINISHED")
+                finish_run(client, run_id)
             plots = rep.make_plots(results, comparisons, T)
             notes = [f"Seeds {suite.seeds} pooled: each problem counts once per seed; the bootstrap resamples "
                      "problems (a problem's outcomes over all seeds move together). The intervals do not "
@@ -209,7 +208,7 @@ def _flow():
             for run_id in [pid, *locals().get("arm_runs", {}).values()]:
                 close_run(client, run_id, status, f"{type(err).__name__}: {err}")
             raise
-        client.set_terminated(pid, "FINISHED")
+        finish_run(client, pid)
         return summary
 
     return ufo_ablation

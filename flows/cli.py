@@ -14,7 +14,9 @@ imported (an error comes back in about a second, exit 2, naming the field, file 
 servers a run needs are checked before anything is created (exit 2 in seconds, naming the URI).
 Ctrl-C or SIGTERM stops the running stage, closes every open MLflow run as KILLED, lets Prefect mark
 its runs Crashed, stops the local Prefect server last and exits 130 (SIGINT) or 143 (SIGTERM); a
-second Ctrl-C changes nothing.
+second Ctrl-C changes nothing. When a run fails or is stopped, `ufo` says which MLflow runs it closed
+and which it could not (the tracking server did not answer); those are journaled and closed by the
+next `ufo` command that reaches the server (flows/runs.py).
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ import sys
 import threading
 import time
 
-from flows.config import STAGES, UPSTREAM, PipelineConfig
+from flows.config import STAGES, UPSTREAM, FlowConfig, PipelineConfig
 from stages.common.config import ConfigError, apply_overrides, dump_yaml, read_yaml, validate
-from stages.common.runtime import Terminated, check_stop, request_stop_on_signals, stop_requested
+from stages.common.runtime import (
+    Terminated,
+    bound_tracking_retries,
+    check_stop,
+    request_stop_on_signals,
+    stop_requested,
+)
 from stages.common.workspace import tracking_uri, workspace
 
 
@@ -170,7 +178,7 @@ def cmd_run(args) -> int:
         first = min(STAGES.index(s) for s in only)
         only = list(STAGES[first:])  # a rerun stage invalidates everything downstream of it
     reuse_from = (lambda: _reuse_from(args.from_run, only, cfg)) if args.from_run else dict
-    summary = _run_flow("pipeline", cfg.flow.launcher, cfg.flow.stop_grace_seconds, reuse_from,
+    summary = _run_flow("pipeline", cfg.flow, reuse_from,
                         lambda reuse: _pipeline()(cfg.model_dump(mode="json"), reuse=reuse, force=args.force))
     if summary is None:
         return 1
@@ -200,28 +208,54 @@ def _pipeline():
     return ufo_pipeline
 
 
-def _run_flow(what: str, launcher: str, grace_seconds: float, prepare, flow_call):
+def _run_flow(what: str, flow: FlowConfig, prepare, flow_call):
     """What `ufo run` and `ufo ablate` share: signals recorded from here on, the servers checked before
-    anything is created, the local Prefect server started (unless PREFECT_API_URL is set) and stopped
-    last, the flow run in a worker thread. Returns the flow's result, or None (printed) if it failed."""
+    anything is created (and the runs an earlier `ufo` could not close, closed), the local Prefect server
+    started (unless PREFECT_API_URL is set) and stopped last, the flow run in a worker thread. Returns the
+    flow's result, or None (printed, with the runs it closed and could not close) if it failed."""
     request_stop_on_signals(signal.SIGINT, signal.SIGTERM)
     from flows.server import check_tracking, prefect_api, require_tracking_server  # stdlib only
 
     uri = tracking_uri()
     check_tracking(uri)
-    require_tracking_server(uri, launcher)
+    require_tracking_server(uri, flow.launcher)
+    bound_tracking_retries(flow.tracking_retry_seconds)
+    close_journaled_runs()
     prepared = prepare()  # e.g. --from-run's checks: before any server starts
     check_stop()
     _prepare_environment()
     with prefect_api(workspace() / "prefect"):
-        outcome = _in_worker_thread(lambda: flow_call(prepared), give_up_seconds=grace_seconds + 15)
+        outcome = _in_worker_thread(lambda: flow_call(prepared), give_up_seconds=flow.stop_grace_seconds + 15)
         if isinstance(outcome, BaseException):
-            if not isinstance(outcome, Exception):
+            from flows.runs import settle
+
+            stopped = not isinstance(outcome, Exception)
+            lines = settle(uri, stopped)
+            if stopped:
+                outcome.settled = lines
                 raise outcome  # Terminated: main() reports it
             # a stage failed: its run is FAILED, nothing downstream ran
             print(f"error: {what} failed: {outcome}", file=sys.stderr)
+            for line in lines:
+                print(f"ufo: {line}", file=sys.stderr)
             return None
     return outcome
+
+
+def close_journaled_runs() -> None:
+    """Close the MLflow runs an earlier `ufo` left RUNNING against this tracking store because its server
+    did not answer (flows/runs.py); one line per run closed."""
+    from stages.common.workspace import unclosed_runs_journal
+
+    if not unclosed_runs_journal().is_file():  # the usual case: nothing to import MLflow for
+        return
+    import mlflow
+
+    from flows.runs import close_journaled
+
+    for line in close_journaled(mlflow.MlflowClient(tracking_uri=tracking_uri())):
+        print(f"ufo: closed {line}, left RUNNING by an earlier ufo while the tracking server was down",
+              file=sys.stderr)
 
 
 def cmd_ablate(args) -> int:
@@ -229,7 +263,7 @@ def cmd_ablate(args) -> int:
 
     _suite, arms = load_suite(args.suite, args.overrides)  # every arm validated before anything runs
     first = next(iter(arms.values()))
-    summary = _run_flow("ablation", first.flow.launcher, first.flow.stop_grace_seconds, lambda: {},
+    summary = _run_flow("ablation", first.flow, lambda: {},
                         lambda _: run_ablation(args.suite, args.overrides, force=args.force))
     if summary is None:
         return 1
@@ -311,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Terminated as err:
-        print(f"ufo: stopped ({err}); every run it opened was closed as KILLED", file=sys.stderr)
+        settled = getattr(err, "settled", None)
+        print(f"ufo: stopped ({err})" + ("" if settled else "; no MLflow run was left open"), file=sys.stderr)
+        for line in settled or []:
+            print(f"ufo: {line}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:  # before the handlers are installed
         print("ufo: interrupted", file=sys.stderr)

@@ -109,6 +109,15 @@ class FlowConfig(StrictModel):
     """Default timeout of every stage; a stage's own `timeout_seconds` wins. None = no limit."""
     stop_grace_seconds: float = Field(10.0, ge=0)
     """On a timeout or an interrupt, a stage gets SIGTERM and this long to end its run before SIGKILL."""
+    tracking_retry_seconds: float = Field(180.0, gt=0)
+    """How long each MLflow call (of the flow and of every stage) retries an MLflow server that does not
+    answer before it gives up: a stage then fails naming the server, and the runs nobody could close are
+    closed by the next `ufo` command once the server is back. A restart shorter than this goes unnoticed."""
+    deployment_claim_seconds: float = Field(60.0, gt=0)
+    """`deployment` launcher: a stage's flow run still Scheduled, Late or Pending this long after it was
+    created, while no worker of its pool has sent a heartbeat for as long (nor for two of its heartbeat
+    intervals), is marked Crashed and the stage fails, naming the work pool. A live but busy worker is
+    waited for. Workers poll every 10 s by default (PREFECT_WORKER_QUERY_SECONDS)."""
     curate: StageSettings = StageSettings()
     sft: StageSettings = StageSettings()
     rl: StageSettings = StageSettings()

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from flows.cache import code_digest
 from flows.config import FlowConfig
+from flows.credentials import client_secrets, secrets_file
 from flows.node import FOLLOW_ARGS_ENV, FOLLOW_STAGE_ENV
 from flows.resources import (
     Resources,
@@ -51,6 +52,8 @@ from stages.common.processes import (
     stage_env,
     watch,
 )
+from stages.common.runtime import SECRETS_FILE_IN_CONTAINER
+from stages.common.workspace import workspace
 
 LABEL_STAGE = "ai.ufo.stage"
 LABEL_CODE = "ai.ufo.code-digest"
@@ -183,7 +186,9 @@ class DockerLauncher:
     """Each stage a container of its own image (`<image_prefix>-<stage>:<tag>`), through the Docker SDK.
 
     Containers share the host's network, so they reach the MLflow server at the URI the flow uses; they
-    read nothing from host paths: inputs come by URI from MLflow, the config on the command line.
+    read nothing from host paths: inputs come by URI from MLflow, the config on the command line. The one
+    exception is the MLflow credentials (MLFLOW_TRACKING_USERNAME/PASSWORD of the flow's environment): a
+    file made for the attempt, mounted read-only and removed when the container is (`_secrets_volume`).
     """
 
     name = "docker"
@@ -212,13 +217,18 @@ class DockerLauncher:
 
     def launch(self, job: StageJob, log: Log) -> LaunchResult:
         image = self.image(job.stage)
-        if job.resources.nodes > 1:
-            return self._launch_nodes(job, log, image)
+        with secrets_file(workspace() / "secrets", client_secrets()) as secrets:
+            if job.resources.nodes > 1:
+                return self._launch_nodes(job, log, image, secrets)
+            return self._launch_one(job, log, image, secrets)
+
+    def _launch_one(self, job: StageJob, log: Log, image: str, secrets: Path | None) -> LaunchResult:
         log(f"$ docker run {image} {job.stage} --run-id {job.run_id}")
         container = self.client.containers.run(
             image, command=job.args(), detach=True, environment=stage_env(self.tracking_uri, inherit=False),
             network_mode="host", name=f"ufo-{job.stage}-{job.run_id[:12]}",
-            labels={LABEL_STAGE: job.stage, LABEL_RUN: job.run_id}, **docker_run_kwargs(job.resources))
+            labels={LABEL_STAGE: job.stage, LABEL_RUN: job.run_id}, volumes=_secrets_volume(secrets),
+            **docker_run_kwargs(job.resources))
         try:
             handle, tail = _Container(container), _Tail(job.stage, log)
             outcome = watch(handle, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
@@ -229,7 +239,7 @@ class DockerLauncher:
                 container.remove(force=True)
 
 
-    def _launch_nodes(self, job: StageJob, log: Log, image: str) -> LaunchResult:
+    def _launch_nodes(self, job: StageJob, log: Log, image: str, secrets: Path | None) -> LaunchResult:
         """One container per node on a Docker network made for this attempt; node 0 runs the stage and hosts
         the rendezvous at its container name (stages/common/rank.py). The stage ends when every node ended
         with 0, or as soon as one did not: then the others are stopped. Containers and network are removed
@@ -248,7 +258,8 @@ class DockerLauncher:
                 log(f"$ docker run --network {name} {image} {job.stage} --run-id {job.run_id}  # node {k} of {nodes}")
                 containers[f"node {k}"] = self.client.containers.run(
                     image, command=job.args(), detach=True, environment=env, network=name, name=f"{name}-node{k}",
-                    hostname=f"{name}-node{k}", labels={**labels, LABEL_NODE: str(k)}, **run_kwargs)
+                    hostname=f"{name}-node{k}", labels={**labels, LABEL_NODE: str(k)}, volumes=_secrets_volume(secrets),
+                    **run_kwargs)
             group = Group({node: _Container(c) for node, c in containers.items()})
             tail = _Tail(job.stage, log)
             outcome = watch(group, tail, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
@@ -271,6 +282,13 @@ class DockerLauncher:
                 network.remove()
 
 
+def _secrets_volume(secrets: Path | None) -> dict[str, dict[str, str]]:
+    """The bind mount of the MLflow credentials file, read-only where the stage looks for it
+    (`stages.common.runtime.load_secrets_file`): not environment variables, which `docker inspect` shows to
+    whoever may use Docker, nor labels, nor image layers."""
+    return {str(secrets): {"bind": SECRETS_FILE_IN_CONTAINER, "mode": "ro"}} if secrets else {}
+
+
 def _oom(job: StageJob, container: str) -> str:
     return (f"OOM-killed: {container} went over its memory limit (flow.{job.stage}.resources.memory = "
             f"{job.resources.memory})")
@@ -290,19 +308,49 @@ def require_reachable_from_containers(uri: str, field: str) -> None:
 
 
 class _FlowRun:
-    """A deployment's flow run as `watch` reads it: its state (its log stays in Prefect), cancelled to stop."""
+    """A deployment's flow run as `watch` reads it: its state (its log stays in Prefect), cancelled to stop.
 
-    def __init__(self, client, flow_run):
-        self.client, self.flow_run = client, flow_run
+    A flow run that no worker takes is noticed (`unclaimed`): still Scheduled, Late or Pending
+    `claim_seconds` after it was created, while no worker of its pool has sent a heartbeat for as long. It
+    is then marked Crashed and `poll` says it failed, so a dead worker costs the pipeline about a minute,
+    not the stage's timeout (which defaults to none)."""
+
+    def __init__(self, client, flow_run, pool: str, claim_seconds: float):
+        self.client, self.flow_run, self.pool, self.claim_seconds = client, flow_run, pool, claim_seconds
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.lines.put(None)
+        self.unclaimed: str | None = None
+        self._since = time.monotonic()
 
     def poll(self) -> int | None:
         self.flow_run = self.client.read_flow_run(self.flow_run.id)
         state = self.flow_run.state
         if state is None or not state.is_final():
+            if state is not None and (state.is_scheduled() or state.is_pending()) and self._unclaimed():
+                return 1
             return None
         return 0 if state.is_completed() else 1
+
+    def _unclaimed(self) -> bool:
+        waited = time.monotonic() - self._since
+        if waited < self.claim_seconds:
+            return False
+        from prefect.states import Crashed
+
+        now, workers = time.time(), self.client.read_workers_for_work_pool(self.pool)
+        beats = [w.last_heartbeat_time.timestamp() for w in workers if w.last_heartbeat_time is not None]
+        # A live worker may be busy (the pool's concurrency limit): then the run waits for its turn. Workers
+        # beat every PREFECT_WORKER_HEARTBEAT_SECONDS (30 s by default): two missed beats is a dead worker.
+        window = max(self.claim_seconds, 2 * max((w.heartbeat_interval_seconds or 30 for w in workers), default=30))
+        if beats and now - max(beats) < window:
+            return False
+        last = f"{now - max(beats):.0f} s ago" if beats else "never"
+        self.unclaimed = (f"flow run {self.flow_run.name} was not started by any worker of work pool {self.pool} "
+                          f"within {waited:.0f} s (flow.deployment_claim_seconds = {self.claim_seconds:g}; still "
+                          f"{self.flow_run.state.name}), and no worker of the pool has sent a heartbeat since {last}: "
+                          f"is its worker running (`ufo stack status`; `ufo stack restart worker`)? Marked it Crashed")
+        self.client.set_flow_run_state(self.flow_run.id, Crashed(message=self.unclaimed), force=True)
+        return True
 
     def stop(self, grace_seconds: float) -> None:
         """Cancel the run: its worker stops the stage (SIGTERM, grace, SIGKILL); wait for it as long."""
@@ -361,13 +409,13 @@ class DeploymentLauncher:
             flow_run = run_deployment(name, parameters=params, job_variables=job_vars, timeout=0,
                                       idempotency_key=f"ufo-stage-{job.run_id}")
             log(f"{job.stage}: flow run {flow_run.name} ({flow_run.id}) of deployment {name}")
-            handle = _FlowRun(client, flow_run)
+            handle = _FlowRun(client, flow_run, deployment.work_pool_name, self.flow.deployment_claim_seconds)
             outcome = watch(handle, log, timeout_seconds=job.timeout_seconds, grace_seconds=job.grace_seconds,
                             poll_seconds=1.0)
             if outcome.returncode == 0 and not outcome.timed_out:
                 return _result(outcome, job, [])
             state = handle.flow_run.state
-            ended = f"flow run {flow_run.name} ended {state.name}" if state is not None else None
+            ended = handle.unclaimed or (f"flow run {flow_run.name} ended {state.name}" if state is not None else None)
             return _result(outcome, job, handle.tail(), ended)
 
 

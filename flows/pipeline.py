@@ -25,10 +25,18 @@ from flows.cache import cache_key, code_digest
 from flows.config import STAGES, UPSTREAM, FlowConfig, PipelineConfig
 from flows.launchers import StageJob, make_launcher
 from flows.registry import CHAMPION_MODEL, Decision, champion_to_evaluate, gate
-from flows.runs import close_run, create_stage_run, find_cached, read_stage_output, record_cache_hit
+from flows.runs import (
+    close_run,
+    create_stage_run,
+    find_cached,
+    finish_run,
+    open_run,
+    read_stage_output,
+    record_cache_hit,
+)
 from stages.common.config import dump_yaml
 from stages.common.contracts import OUTPUT_TYPES, StageOutput
-from stages.common.runtime import check_stop
+from stages.common.runtime import bound_tracking_retries, check_stop, load_secrets_file
 from stages.common.tracking import TAG_KIND, configure, write_json_atomic
 from stages.common.workspace import tracking_uri, workspace
 
@@ -142,15 +150,15 @@ def ufo_pipeline(config: dict[str, Any], reuse: dict[str, dict[str, Any]] | None
     logger = get_run_logger()
     cfg = PipelineConfig.model_validate(config)
     reuse = reuse or {}
+    load_secrets_file()  # a deployment's flow run in a container: the credentials its pool mounted
+    bound_tracking_retries(cfg.flow.tracking_retry_seconds)  # inherited by the stage processes started here
     experiment_id = configure(cfg.experiment)
     client = MlflowClient()
     flow_run_id = str(flow_run.get_id() or "local")
     workdir = workspace() / "runs" / flow_run_id
     workdir.mkdir(parents=True, exist_ok=True)
-    parent = client.create_run(experiment_id, run_name=f"pipeline-{flow_run.get_name() or 'local'}",
-                               tags={TAG_KIND: "pipeline", "prefect.flow_run_id": flow_run_id,
-                                     "ufo.launcher": cfg.flow.launcher})
-    pid = parent.info.run_id
+    pid = open_run(client, experiment_id, "pipeline", run_name=f"pipeline-{flow_run.get_name() or 'local'}",
+                   tags={TAG_KIND: "pipeline", "prefect.flow_run_id": flow_run_id, "ufo.launcher": cfg.flow.launcher})
     logger.info("MLflow pipeline run %s (tracking %s)", pid, tracking_uri())
     try:
         client.log_text(pid, dump_yaml(cfg), "config/pipeline.yaml")
@@ -192,5 +200,5 @@ def ufo_pipeline(config: dict[str, Any], reuse: dict[str, dict[str, Any]] | None
         status = "KILLED" if _interrupted(err) else "FAILED"
         close_run(client, pid, status, f"{type(err).__name__}: {err}")
         raise
-    client.set_terminated(pid, "FINISHED")
+    finish_run(client, pid)
     return summary

@@ -104,6 +104,9 @@ def verdict(metrics: dict[str, float], *, has_champion: bool, champion_version: 
 
 def _alias(client: MlflowClient, name: str, alias: str):
     try:
+        # The model first: MLflow's auth app answers an alias lookup on a model that does not exist with 403
+        # (it finds no model to check the permission on), not 404, so a first pipeline would fail there.
+        client.get_registered_model(name)
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
@@ -129,6 +132,16 @@ def champion_to_evaluate(client: MlflowClient, cfg: PipelineConfig, rl: RLOutput
     return {CHAMPION_MODEL: f"models:/{name}/{champ.version}"}
 
 
+def _create_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name, description="RL models of the UFO pipeline. Alias `champion`: the best "
+                                                         "so far by the registry gate (flows/registry.py); "
+                                                         "`candidate`: the newest.")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another pipeline created it meanwhile
+            raise
+
+
 def gate(client: MlflowClient, cfg: PipelineConfig, rl: RLOutput, metrics: dict[str, float],
          champion_evaluated: str | None) -> Decision:
     """Register the RL model (once: a cached RL run keeps its version), alias it `candidate`, and give it
@@ -149,12 +162,13 @@ def gate(client: MlflowClient, cfg: PipelineConfig, rl: RLOutput, metrics: dict[
                         "rerun RL to gate it.", None, None)
     model_id = uri.removeprefix("models:/")
     try:
-        client.create_registered_model(name, description="RL models of the UFO pipeline. Alias `champion`: the best so "
-                                                         "far by the registry gate (flows/registry.py); `candidate`: "
-                                                         "the newest.")
+        # Asked first: creating a model that exists fails in the store (a unique-key error in PostgreSQL's
+        # log for every pipeline after the first), though MLflow answers it as RESOURCE_ALREADY_EXISTS.
+        client.get_registered_model(name)
     except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
+        _create_registered_model(client, name)
     same = client.search_model_versions(f"name = '{name}'")
     # Matched on the source URI: the SQLite store does not return a version's model_id.
     version = next((v for v in same if v.source == uri), None)

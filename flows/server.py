@@ -7,6 +7,7 @@ states before `ufo` stops it, last. It dies with `ufo` if `ufo` is killed outrig
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import os
@@ -21,25 +22,33 @@ from pathlib import Path
 from stages.common.config import ConfigError
 from stages.common.processes import free_port, spawn
 from stages.common.runtime import check_stop
+from stages.common.workspace import workspace
 
 PREFLIGHT_TIMEOUT_SECONDS = 5.0
 SERVER_START_TIMEOUT_SECONDS = 180.0  # a first start migrates a new database: ~13 s, more on a busy machine
 
 
 class PreflightError(ConfigError):
-    """A server the run needs does not answer; raised before anything is created (exit 2)."""
+    """A server the run needs does not answer, or refuses the credentials; raised before anything is
+    created (exit 2). `status`: the HTTP status it answered, if it answered."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
-def check_http(url: str, what: str, timeout: float = PREFLIGHT_TIMEOUT_SECONDS, shown: str | None = None) -> None:
+def check_http(url: str, what: str, timeout: float = PREFLIGHT_TIMEOUT_SECONDS, shown: str | None = None,
+               headers: dict[str, str] | None = None) -> None:
     """GET `url`; a PreflightError naming `what` and `shown` (the URL the user set; default `url`) unless it
     answers 2xx within `timeout`."""
     shown = shown or url
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 -- http(s) URLs of the user's own servers
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 -- http(s) URLs of the user's own servers
             if resp.status >= 300:
-                raise PreflightError(f"{what} {shown} answered HTTP {resp.status} to {url}")
+                raise PreflightError(f"{what} {shown} answered HTTP {resp.status} to {url}", resp.status)
     except urllib.error.HTTPError as err:
-        raise PreflightError(f"{what} {shown} answered HTTP {err.code} to {url}") from None
+        raise PreflightError(f"{what} {shown} answered HTTP {err.code} to {url}", err.code) from None
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
         raise PreflightError(f"{what} {shown} is unreachable ({reason}); is the server running?") from None
@@ -63,16 +72,57 @@ def require_tracking_server(uri: str, launcher: str) -> None:
                           "(`ufo stack up` starts one, then `source .ufo/stack/env.sh`)")
 
 
+def _basic(user_pass: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(user_pass.encode()).decode()}
+
+
+def _credentials_hint() -> str:
+    return f"for the servers of `ufo stack up`: source {workspace() / 'stack' / 'env.sh'}"
+
+
 def check_tracking(uri: str) -> None:
-    """The MLflow tracking server answers, or a one-line PreflightError (local stores need no check)."""
-    if is_server(uri):
+    """The MLflow tracking server answers and accepts this process's credentials (MLFLOW_TRACKING_USERNAME
+    and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, as MLflow's client sends them), or a one-line
+    PreflightError (local stores need no check)."""
+    if not is_server(uri):
+        return
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    headers = (_basic(f"{user}:{password}") if user and password else
+               {"Authorization": f"Bearer {token}"} if token else {})
+    try:
         # A real API call, not /health: it also meets the server's host check and authentication.
         check_http(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1", "MLFLOW_TRACKING_URI",
-                   shown=uri)
+                   shown=uri, headers=headers)
+    except PreflightError as err:
+        if err.status == 401 and not headers:
+            raise PreflightError(f"the tracking server {uri} asks for credentials (HTTP 401) and none are set: set "
+                                 f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD ({_credentials_hint()})",
+                                 401) from None
+        if err.status in (401, 403):
+            who = f"user {user}" if user and password else "MLFLOW_TRACKING_TOKEN"
+            why = "wrong password or no such user" if err.status == 401 else "no permission to read experiments"
+            raise PreflightError(f"the tracking server {uri} refused the credentials of {who} (HTTP {err.status}: "
+                                 f"{why}); set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD "
+                                 f"({_credentials_hint()})", err.status) from None
+        raise
 
 
 def check_prefect_api(url: str) -> None:
+    """The Prefect server answers and accepts PREFECT_API_AUTH_STRING (or PREFECT_API_KEY), or a one-line
+    PreflightError. Its health check needs no credentials, so an API call checks them."""
     check_http(url.rstrip("/") + "/health", "PREFECT_API_URL", shown=url)
+    auth, key = os.environ.get("PREFECT_API_AUTH_STRING"), os.environ.get("PREFECT_API_KEY")
+    headers = _basic(auth) if auth else {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        check_http(url.rstrip("/") + "/admin/version", "PREFECT_API_URL", shown=url, headers=headers)
+    except PreflightError as err:
+        if err.status in (401, 403):
+            state = "is wrong" if auth else "is not set"
+            raise PreflightError(f"the Prefect server {url} refused the request (HTTP {err.status}): "
+                                 f"PREFECT_API_AUTH_STRING {state}; set it ({_credentials_hint()})",
+                                 err.status) from None
+        raise
 
 
 @contextlib.contextmanager

@@ -4,7 +4,9 @@ a test imports this module, never conftest."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -123,6 +125,33 @@ def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float =
     pytest.fail(f"{text!r} not printed within {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+class Stack:
+    """`ufo stack ...` and `ufo ...` against a stack in the workspace `home` (`ufo stack up` there)."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.env = {**os.environ, "UFO_HOME": str(home),
+                    # Schedules and workers react in seconds, not the default minute (test only).
+                    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+                    "PREFECT_WORKER_QUERY_SECONDS": "3", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY"):
+            self.env.pop(key, None)
+
+    def ufo(self, *args: str, timeout: float = 1800, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
+                              env={**self.env, **env}, timeout=timeout)
+
+    def load_env(self) -> dict[str, str]:
+        """What `source stack/env.sh` exports, added to `env`; returned."""
+        exported = {}
+        for line in (self.home / "stack" / "env.sh").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            exported[key] = shlex.split(value)[0] if value else ""
+        self.env |= exported
+        return exported
+
+
 # --- MLflow and Prefect, as a user queries them ----------------------------------------------------
 
 
@@ -190,3 +219,31 @@ def gone_within(pid: int, seconds: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@contextlib.contextmanager
+def prefect_client(env: dict[str, str]):
+    """A Prefect client of the stack's server, with its auth string (`env`: the stack's `env.sh`; settings
+    are read once per process: override them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    updates = {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}
+    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
+        yield client
+
+
+def http_status(url: str, auth: str | None = None) -> int | None:
+    """HTTP status of GET `url` (with `Authorization: Basic base64(auth)` if given); None if nothing answers."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:  # noqa: S310
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError):
+        return None

@@ -12,9 +12,7 @@ a Docker network of the stage's own, and one node is SIGKILLed mid-stage.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -27,7 +25,16 @@ from safetensors.torch import load_file
 from stages.common.contracts import OUTPUT_TYPES
 from stages.common.processes import free_port
 from stages.common.tracking import fetch_verified
-from tests.helpers import MICRO, REPO, find_runs, metric_histories, start_ufo, wait_for_text
+from tests.helpers import (
+    MICRO,
+    REPO,
+    Stack,
+    find_runs,
+    metric_histories,
+    prefect_client,
+    start_ufo,
+    wait_for_text,
+)
 
 pytestmark = pytest.mark.docker
 SMOKE = "configs/smoke.yaml"
@@ -38,21 +45,6 @@ def _docker(*args: str) -> str:
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout
 
 
-class Stack:
-    def __init__(self, home: Path):
-        self.home = home
-        self.env = {**os.environ, "UFO_HOME": str(home),
-                    # Schedules and workers react in seconds, not the default minute (test only).
-                    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-                    "PREFECT_WORKER_QUERY_SECONDS": "3", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
-        for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
-            self.env.pop(key, None)
-
-    def ufo(self, *args: str, timeout: float = 1800, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
-                              env={**self.env, **env}, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     images = subprocess.run([sys.executable, "-m", "flows.cli", "images"], cwd=REPO, capture_output=True, text=True,
@@ -60,19 +52,23 @@ def stack(tmp_path_factory):
     assert images.returncode == 0, (images.stdout + images.stderr)[-5000:]
     print(images.stdout[-1500:])  # sizes, for the record (pytest -s)
     s = Stack(tmp_path_factory.mktemp("stack"))
+    s.started = time.time()
+    mp = pytest.MonkeyPatch()
     up = s.ufo("stack", "up", "--pool", "ufo-docker", "--pool-type", "docker", "--mlflow-port", str(free_port()),
                "--prefect-port", str(free_port()), "--postgres-port", str(free_port()), "--listen", "docker",
                timeout=600)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        for line in (s.home / "stack" / "env.sh").read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            s.env[key] = value
+        # This process's MLflow calls and the `ufo` commands it starts log in as a client of the stack does
+        # (`source env.sh`).
+        for key, value in s.load_env().items():
+            mp.setenv(key, value)
         deploy = s.ufo("deploy", SMOKE, "--pool", "ufo-docker", timeout=300)
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         mlflow.set_tracking_uri(s.env["MLFLOW_TRACKING_URI"])
         yield s
     finally:
+        mp.undo()
         down = s.ufo("stack", "down", timeout=300)
         print(down.stdout, down.stderr)
         leftover = [c for c in _docker("ps", "-q", "--filter", "label=ai.ufo.stage").split() if c]
@@ -100,16 +96,6 @@ def _check_contract(pipeline, tmp_path: Path) -> dict:
         for name, ref in out.artifacts.items():
             fetch_verified(ref, tmp_path / stage / name)
     return by_stage
-
-
-@contextlib.contextmanager
-def prefect_client(api_url: str):
-    """A Prefect client of the stack's server (settings are read once per process: override them)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        yield client
 
 
 def _container_starts(since: float) -> list[tuple[str, str]]:
@@ -158,7 +144,7 @@ def test_deployment_launcher_runs_each_stage_as_a_child_flow_run_under_the_worke
     _check_contract(pipeline, tmp_path)
     starts = _container_starts(t0 - 1)
     assert sorted(image for _, image in starts) == sorted(f"ufo-{s}:latest" for s in STAGES), starts
-    with prefect_client(stack.env["PREFECT_API_URL"]) as client:
+    with prefect_client(stack.env) as client:
         parent_id = pipeline.data.tags["prefect.flow_run_id"]
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=list(STAGES))))
         # A deployment run started from inside the flow is its subflow: its parent is a task run of
@@ -199,7 +185,7 @@ def test_a_scheduled_deployment_fires_by_itself(stack):
 
     deploy = stack.ufo("deploy", MICRO, "--pool", "ufo-docker", "--name", "every-minute", "--interval", "60")
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    with prefect_client(stack.env["PREFECT_API_URL"]) as client:
+    with prefect_client(stack.env) as client:
         dep = client.read_deployment_by_name("ufo-pipeline/every-minute")
         deadline, first = time.monotonic() + 900, None
         while time.monotonic() < deadline:
@@ -335,3 +321,41 @@ def test_a_sigkilled_node_fails_its_stage_within_30_s_and_a_rerun_resumes(stack,
     assert again.info.status == "FINISHED"
     # from the killed run's checkpoint, which holds node 1's optimizer partitions too
     assert again.data.tags["ufo.rl.resumed_from"].startswith(run.info.run_id)
+
+
+def test_a_secret_scan_after_the_containerised_runs_finds_no_password(stack):
+    """After every run above (docker and deployment launchers, faults, nodes): none of the stack's secrets
+    is in MLflow's params or tags, its artifacts, Prefect's logs, the images' history and configuration,
+    or any label of a container that ran."""
+    creds = json.loads((stack.home / "stack" / "credentials.json").read_text())
+    secrets = {k: v for k, v in creds.items() if k.endswith(("password", "auth_string", "secret_key"))}
+    assert len(secrets) == 6 and all(len(v) >= 20 for v in secrets.values()), sorted(secrets)
+
+    def leaks(text: str) -> list[str]:
+        return [k for k, v in secrets.items() if v in text]
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) >= 10  # two pipelines at least (this test alone after the first three: 10)
+    found = {f"run {r.info.run_id}": leaks(json.dumps([r.data.params, r.data.tags])) for r in runs}
+    # Artifacts: the files the MLflow server stores (every model, dataset, log and config it was sent).
+    files = [p for p in (stack.home / "stack" / "artifacts").rglob("*") if p.is_file()]
+    assert len(files) >= 20
+    found |= {str(p): leaks(p.read_bytes().decode("latin-1")) for p in files}
+    with prefect_client(stack.env) as client:
+        logs, offset = [], 0
+        while batch := client.read_logs(limit=200, offset=offset):
+            logs += [entry.message for entry in batch]
+            offset += len(batch)
+    assert len(logs) >= 20
+    found["prefect logs"] = leaks("\n".join(logs))
+    for stage in STAGES:
+        found[f"ufo-{stage} image"] = leaks(_docker("history", "--no-trunc", f"ufo-{stage}:latest")
+                                            + _docker("image", "inspect", f"ufo-{stage}:latest"))
+    # Docker's event log keeps every label of every container that started, the removed ones included.
+    events = _docker("events", "--since", f"{stack.started:.0f}", "--until", f"{time.time():.0f}",
+                     "--filter", "type=container", "--format", "{{json .Actor.Attributes}}")
+    assert events.count("\n") >= 8
+    found["container labels"] = leaks(events)
+    assert not {where: keys for where, keys in found.items() if keys}
+    print(f"secret scan: {len(secrets)} secrets, {len(runs)} runs' params and tags, {len(files)} artifact files, "
+          f"{len(logs)} Prefect log lines, {len(STAGES)} images, {events.count(chr(10))} container events: none found")

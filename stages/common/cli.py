@@ -28,7 +28,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from stages.common.config import ConfigError, apply_overrides, load_config, validate
-from stages.common.runtime import Terminated, acknowledge_stop, prepare_process, raise_on_signals
+from stages.common.runtime import (
+    TRACKING_RETRY_ENV,
+    Terminated,
+    acknowledge_stop,
+    prepare_process,
+    raise_on_signals,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DIGEST = 0, 1, 2, 3
 
@@ -145,12 +151,21 @@ def stage_main(name: str, config_cls: type, run: Callable[..., Any], argv: list[
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as err:
-        from stages.common.tracking import DigestMismatchError  # MLflow: only once a run started
+        from stages.common.tracking import (  # MLflow: only once a run started
+            DigestMismatchError,
+            tracking_server_down,
+            tracking_uri,
+        )
 
         if isinstance(err, DigestMismatchError):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_DIGEST
         traceback.print_exc()
+        if tracking_server_down():
+            print(f"error: {name}: the MLflow tracking server {tracking_uri()} does not answer (its calls were "
+                  f"retried for up to {os.environ.get(TRACKING_RETRY_ENV)} s: flow.tracking_retry_seconds); its run "
+                  "stays RUNNING until the flow, or the next `ufo` command, closes it once the server is back",
+                  file=sys.stderr)
         return EXIT_ERROR
     if args.output:
         from stages.common.tracking import write_json_atomic

@@ -142,9 +142,11 @@ def stop(pid: int, grace_seconds: float, *, group: bool = True,
             leader exited in time: the leader's own children (a DeepSpeed rank, a uvicorn worker) may
             still be alive.
         exited: waits up to the given seconds and says whether the process has exited (`Child` reaps its
-            child there); default: polls the process table, for a process that is not our child.
+            child there); default: polls the process table, for a process that is not our child (with
+            `group`, until no process of the group is left: a leader that died, by SIGKILL say, leaves its
+            workers running in its group, and they are stopped the same way).
     """
-    exited = exited or (lambda seconds: _await_exit(pid, seconds))
+    exited = exited or (lambda seconds: _await_exit(pid, seconds, group=group))
     send = os.killpg if group else os.kill
     gone = exited(0)
     if not gone:
@@ -174,9 +176,37 @@ def alive(pid: int) -> bool:
         return True
 
 
-def _await_exit(pid: int, seconds: float) -> bool:
+def group_members(pgid: int) -> list[int]:
+    """The live processes (not zombies) of process group `pgid`, its leader included if alive.
+
+    A group outlives a leader that died while its children live on, and Linux never hands the leader's
+    pid to another process while the group exists: these are the leader's own children.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(") ", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            found.append(int(entry.name))
+    return found
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), or None if it is gone: with the pid, it names a
+    process for good (a pid alone may be reused once the process has exited)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _await_exit(pid: int, seconds: float, group: bool = False) -> bool:
     deadline = time.monotonic() + seconds
-    while alive(pid):
+    while group_members(pid) if group else alive(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)

@@ -157,8 +157,82 @@ def prepare_process() -> None:
     practice). On a machine shared with other CPU-bound processes a spinning thread burns the core a
     descheduled sibling needs, and a step slows down 10-30x instead of ~2x (measured on 2 cores;
     see benchmarks/cpu_contention.py). PASSIVE makes waiting threads sleep.
+
+    Also: the credentials a launcher mounted (`load_secrets_file`) and the bound on MLflow's retries
+    (`bound_tracking_retries`).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    load_secrets_file()
+    bound_tracking_retries()
+
+
+#: A file of KEY=VALUE lines (credentials) that a launcher mounted into the stage's container.
+SECRETS_FILE_ENV = "UFO_SECRETS_FILE"
+#: Where a container finds it when $UFO_SECRETS_FILE is unset: the Docker launcher and the stack's Docker
+#: work pool mount it there, and a Kubernetes pod mounts its Secret there (infra/README.md, "Credentials").
+SECRETS_FILE_IN_CONTAINER = "/run/secrets/ufo/credentials"
+
+
+def load_secrets_file() -> list[str]:
+    """Put the credentials in `$UFO_SECRETS_FILE` (else `SECRETS_FILE_IN_CONTAINER`, if there is one) into
+    this process's environment where unset, where MLflow's client reads them (MLFLOW_TRACKING_USERNAME,
+    MLFLOW_TRACKING_PASSWORD); return their names (never the values: they are not to be logged).
+
+    A mounted file rather than environment variables: Docker shows a container's environment to anyone
+    who may run `docker inspect`, and keeps it with the container's configuration.
+    """
+    path = os.environ.get(SECRETS_FILE_ENV)
+    if not path:
+        if not Path(SECRETS_FILE_IN_CONTAINER).is_file():
+            return []
+        path = SECRETS_FILE_IN_CONTAINER
+    names = []
+    for line in Path(path).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and not key.startswith("#"):
+            os.environ.setdefault(key.strip(), value)
+            names.append(key.strip())
+    return names
+
+
+#: How long MLflow calls keep retrying an unreachable tracking server (seconds); `flow.tracking_retry_seconds`.
+TRACKING_RETRY_ENV = "UFO_TRACKING_RETRY_SECONDS"
+DEFAULT_TRACKING_RETRY_SECONDS = 180.0
+#: MLflow's own caps on its retry settings (mlflow.environment_variables), and urllib3's on one backoff.
+_MAX_RETRIES, _MAX_FACTOR, _MAX_BACKOFF = 10, 120, 120
+
+
+def bound_tracking_retries(seconds: float | None = None) -> tuple[int, int]:
+    """Make each MLflow call of this process, and of the processes it starts, give up on an unreachable
+    tracking server after at most `seconds` of retrying (default: $UFO_TRACKING_RETRY_SECONDS, else 180).
+
+    MLflow retries a refused connection with urllib3's exponential backoff: after the n-th failed attempt
+    (n >= 2) it sleeps min(factor * 2**(n-1), 120) s (+ up to 1 s of jitter). Its defaults (7 retries,
+    factor 2) wait 244 s per call, and a stage makes many calls: a stage whose server died began a fresh
+    cycle after each (seen: no end after 341 s). This picks the (retries, factor) whose total wait comes
+    near `seconds` without going over (the most attempts among those within 80% of it), and sets MLFLOW_HTTP_REQUEST_MAX_RETRIES and _BACKOFF_FACTOR;
+    `stages.common.tracking` then skips its own cleanup calls once the server is known to be down. A server
+    that accepts connections but never answers adds MLFLOW_HTTP_REQUEST_TIMEOUT (120 s) per attempt.
+
+    Returns:
+        (retries, factor).
+    """
+    if seconds is None:
+        seconds = float(os.environ.get(TRACKING_RETRY_ENV) or DEFAULT_TRACKING_RETRY_SECONDS)
+    best = (False, 0, 0.0, 1)
+    for factor in range(1, _MAX_FACTOR + 1):
+        for retries in range(_MAX_RETRIES + 1):
+            total = sum(min(factor * 2 ** (n - 1), _MAX_BACKOFF) + 1 for n in range(2, retries + 1))
+            # within the budget; near it (>= 80%), then as many attempts as possible (a server that is
+            # back is noticed sooner), then as close as possible
+            key = (total >= 0.8 * seconds, retries, total, factor)
+            if total <= seconds and key[:3] > best[:3]:
+                best = key
+    _near, retries, _total, factor = best
+    os.environ[TRACKING_RETRY_ENV] = f"{seconds:g}"
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(factor)
+    return retries, factor
 
 
 def set_cpu_threads() -> int:

@@ -182,12 +182,38 @@ def run_stage(stage: str, config: StageConfig, body: Callable[[Any, StageContext
 
 
 def _end(run_id: str, status: str, reason: str) -> None:
-    """End the active run with `status`, recording why; never raises (it runs while handling an error)."""
+    """End the active run with `status`, recording why; never raises (it runs while handling an error).
+
+    If the tracking server is what failed, it does not try: every call would retry for the whole
+    `flow.tracking_retry_seconds` again. The flow closes the run, now or once the server is back.
+    """
+    if tracking_server_down():
+        logging.getLogger("ufo.tracking").warning("could not mark run %s %s: the tracking server %s does not "
+                                                  "answer", run_id, status, tracking_uri())
+        return
     try:
         mlflow.set_tag(TAG_FAILURE, reason[:4000])
         mlflow.end_run(status)
     except Exception as err:  # the tracking server may be what failed
         logging.getLogger("ufo.tracking").warning("could not mark run %s %s: %s", run_id, status, err)
+
+
+def tracking_server_down(uri: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether `uri` (default: this process's tracking URI) is an MLflow server that does not answer its
+    health check now: one request, no retries. A local store is never down."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return False
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):  # noqa: S310 -- the user's server
+            return False
+    except urllib.error.HTTPError:
+        return False  # it answers, if not with 200
+    except (urllib.error.URLError, OSError):
+        return True
 
 
 def read_output(run_id: str, output_type: type[Out]) -> Out:

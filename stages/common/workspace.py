@@ -27,3 +27,8 @@ def tracking_uri() -> str:
 
 def artifact_root() -> str:
     return (workspace() / "mlartifacts").as_uri()
+
+
+def unclosed_runs_journal() -> Path:
+    """The MLflow runs a `ufo` could not close because the tracking server did not answer (flows/runs.py)."""
+    return workspace() / "runs" / "unclosed.json"
